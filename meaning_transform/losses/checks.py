@@ -17,6 +17,7 @@ import torch
 OnNonFinite = Literal["raise", "record"]
 Reduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+ON_NON_FINITE: tuple[str, ...] = ("raise", "record")
 
 COMPONENT_FLOOR = 1e-8  # the original write-up's minimum for each component
 TOTAL_FLOOR = 1e-6  # ... and for the total
@@ -123,6 +124,15 @@ def check_2d(name: str, tensor: torch.Tensor) -> None:
         raise ShapeMismatchError(
             f"expected {name} of shape (B, D), got {tuple(tensor.shape)}"
         )
+
+
+def check_on_non_finite(on_non_finite: str) -> str:
+    """Validate an ``on_non_finite`` argument up front, not at the first NaN."""
+    if on_non_finite not in ON_NON_FINITE:
+        raise ValueError(
+            f"on_non_finite must be one of {ON_NON_FINITE}, got {on_non_finite!r}"
+        )
+    return on_non_finite
 
 
 def check_reduction(reduction: str) -> str:

@@ -1,0 +1,47 @@
+"""The ``mtx`` command line: one module per command, assembled here.
+
+Command modules import torch and the compute code inside the command body, so
+``mtx --help`` stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from meaning_transform import __version__
+from meaning_transform.cli import anneal_demo, check_grads, debug_extended, debug_loss
+
+app = typer.Typer(
+    name="mtx",
+    help="A command-line doctor for VAE training: finds zero, NaN and vanishing loss terms "
+    "and dying gradients, says why, and what to do.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mtx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """mtx: a command-line doctor for VAE training losses and gradients."""
+
+
+app.command("debug-loss")(debug_loss.debug_loss)
+app.command("debug-extended")(debug_extended.debug_extended)
+app.command("anneal-demo")(anneal_demo.anneal_demo)
+app.command("check-grads")(check_grads.check_grads)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,146 @@
+"""Latent-space health: per-dimension KL, active units, free bits and posterior collapse.
+
+Definitions (the references the tests hold us to):
+
+- KL per dimension: KL(N(mu_j, exp(lv_j)) || N(0, 1)) = 0.5 (exp(lv) + mu^2 - 1 - lv),
+  averaged over the batch. ``log_var`` is clamped to [-30, 20] first, the same range the
+  KL loss uses: exp stays finite in float32 and the value equals
+  ``torch.distributions.kl_divergence`` wherever ``log_var`` is inside the range.
+- Active units (Burda et al. 2016): unit j is active if Var_x(E_q[z_j | x]) = Var_x(mu_j)
+  > 0.01. We use the unbiased variance (divide by N - 1), as the reference implementation
+  of He et al. 2019 ("Lagging inference networks") does; it needs N >= 2 samples.
+- Free bits (Kingma et al. 2016): sum_j max(lambda, E_x[KL_j]), the max taken on the
+  batch mean. lambda defaults to 0.1 nats per dimension — a small floor that does not
+  move a healthy latent; pass the value your training uses.
+- Collapsed dimension: mean KL < 0.01 nats (the posterior is the prior, so the dimension
+  carries almost no information). ``collapsed`` (posterior collapse) is True when every
+  dimension is collapsed or no unit is active — either way z says nothing about x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from meaning_transform.diagnostics._modes import evaluating
+
+LOG_VAR_CLAMP = (-30.0, 20.0)  # same as the KL loss; see the module docstring
+
+
+@dataclass(frozen=True)
+class LatentHealth:
+    """Health of the latent space on one set of samples (plain host floats)."""
+
+    num_samples: int
+    latent_dim: int
+    kl_per_dim: tuple[float, ...]  # (Z,) mean over samples, nats
+    kl_total: float  # sum of kl_per_dim
+    activity: tuple[float, ...]  # (Z,) Var over samples of mu (unbiased)
+    active: tuple[bool, ...]  # (Z,) activity > active_threshold
+    active_units: int
+    active_threshold: float
+    free_bits: float  # sum_j max(free_bits_lambda, kl_per_dim_j)
+    free_bits_lambda: float
+    collapsed_dims: tuple[int, ...]  # indices with kl_per_dim < collapse_threshold
+    collapse_threshold: float
+    collapsed: bool  # all dims collapsed, or no active unit
+    non_finite: int  # NaN/Inf entries in mu and log_var (their results are NaN too)
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain, JSON-friendly data (tuples become lists)."""
+        return asdict(self)
+
+
+def latent_health(
+    mu: Tensor,
+    log_var: Tensor,
+    active_threshold: float = 0.01,
+    free_bits_lambda: float = 0.1,
+    collapse_threshold: float = 0.01,
+) -> LatentHealth:
+    """Per-dimension KL, active units, free bits and collapse from encoder outputs.
+
+    Args:
+        mu: posterior means.
+        log_var: posterior log-variances.
+        active_threshold: Var_x(mu_j) above which unit j is active (Burda et al.: 0.01).
+        free_bits_lambda: the per-dimension floor lambda of free bits, in nats.
+        collapse_threshold: mean KL (nats) below which a dimension counts as collapsed.
+
+    Shape:
+        - mu, log_var: (N, Z) with N >= 2.
+
+    Reduced on the device, one host copy.
+    """
+    if mu.dim() != 2 or mu.shape != log_var.shape:
+        raise ValueError(
+            "expected mu and log_var of the same shape (N, Z), "
+            f"got {tuple(mu.shape)} and {tuple(log_var.shape)}"
+        )
+    n, z = mu.shape
+    if n < 2:
+        raise ValueError(f"expected at least 2 samples to measure activity, got {n}")
+    mu = mu.detach()
+    lv = log_var.detach().to(mu.dtype).clamp(*LOG_VAR_CLAMP)
+    kl_per_dim = (0.5 * (lv.exp() + mu.pow(2) - 1.0 - lv)).mean(dim=0)  # (Z,)
+    activity = mu.var(dim=0, correction=1)  # (Z,)
+    free_bits = kl_per_dim.clamp(min=free_bits_lambda).sum()
+    non_finite = (~torch.isfinite(mu)).sum() + (~torch.isfinite(log_var.detach())).sum()
+    packed = torch.cat(
+        [
+            kl_per_dim,
+            activity,
+            free_bits.reshape(1),
+            non_finite.to(mu.dtype).reshape(1),
+        ]
+    )
+    host = packed.cpu().tolist()  # the one host copy
+    kl = tuple(host[:z])
+    act = tuple(host[z : 2 * z])
+    active = tuple(a > active_threshold for a in act)
+    collapsed_dims = tuple(j for j, value in enumerate(kl) if value < collapse_threshold)
+    return LatentHealth(
+        num_samples=n,
+        latent_dim=z,
+        kl_per_dim=kl,
+        kl_total=sum(kl),
+        activity=act,
+        active=active,
+        active_units=sum(active),
+        active_threshold=active_threshold,
+        free_bits=host[2 * z],
+        free_bits_lambda=free_bits_lambda,
+        collapsed_dims=collapsed_dims,
+        collapse_threshold=collapse_threshold,
+        collapsed=len(collapsed_dims) == z or not any(active),
+        non_finite=int(host[2 * z + 1]),
+    )
+
+
+def encode_means(
+    model: nn.Module, x: Tensor, batch_size: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """Posterior ``(mu, log_var)`` for every row of ``x``, in eval mode under ``no_grad``.
+
+    ``model(batch)`` must return a dict with ``"mu"`` and ``"log_var"`` (the MeaningVAE
+    contract). Each module's train/eval mode is restored afterwards. Batches are moved to
+    the model's device; the results stay there (detached), ready for
+    :func:`latent_health`.
+
+    Shape:
+        - x: (N, D) -> mu, log_var: (N, Z)
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next((p.device for p in model.parameters()), x.device)
+    mus, log_vars = [], []
+    with evaluating(model), torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            out = model(x[start : start + batch_size].to(device))
+            mus.append(out["mu"])
+            log_vars.append(out["log_var"])
+    if not mus:
+        raise ValueError(f"expected at least one sample, got x of shape {tuple(x.shape)}")
+    return torch.cat(mus), torch.cat(log_vars)  # (N, Z), (N, Z)

@@ -1,0 +1,69 @@
+"""The loss library: reconstruction, KL, semantic and combined VAE losses, beta annealing.
+
+Every loss checks its inputs for shape and NaN/Inf, floors its value, and counts
+each floor engagement in a :class:`CheckLog` - a zero-valued loss is never silent.
+
+Example:
+    >>> from meaning_transform.losses import CombinedLoss, beta_annealing
+    >>> loss_fn = CombinedLoss(recon_loss_weight=1.0, kl_loss_weight=0.1, semantic_loss_weight=0.5)
+    >>> loss_fn.kl_loss_weight = beta_annealing(epoch=0, max_epochs=10, schedule_type="sigmoid")
+"""
+
+from meaning_transform.losses.annealing import SCHEDULES, beta_annealing, beta_schedule
+from meaning_transform.losses.checks import (
+    COMPONENT_FLOOR,
+    TOTAL_FLOOR,
+    CheckLog,
+    LossInputError,
+    NonFiniteEvent,
+    NonFiniteLossError,
+    ShapeMismatchError,
+)
+from meaning_transform.losses.combined import (
+    CANONICAL_FEATURE_WEIGHTS,
+    CombinedLoss,
+    FeatureWeightedLoss,
+    normalise_weights,
+)
+from meaning_transform.losses.kl import (
+    LOG_VAR_MAX,
+    LOG_VAR_MIN,
+    KLDivergenceLoss,
+    kl_per_dim,
+    kl_per_sample,
+    kl_terms,
+)
+from meaning_transform.losses.reconstruction import (
+    ReconstructionLoss,
+    reconstruction_per_feature,
+    reconstruction_per_sample,
+)
+from meaning_transform.losses.semantic import SIMILARITY_TYPES, SemanticLoss
+
+__all__ = [
+    "CANONICAL_FEATURE_WEIGHTS",
+    "COMPONENT_FLOOR",
+    "LOG_VAR_MAX",
+    "LOG_VAR_MIN",
+    "SCHEDULES",
+    "SIMILARITY_TYPES",
+    "TOTAL_FLOOR",
+    "CheckLog",
+    "CombinedLoss",
+    "FeatureWeightedLoss",
+    "KLDivergenceLoss",
+    "LossInputError",
+    "NonFiniteEvent",
+    "NonFiniteLossError",
+    "ReconstructionLoss",
+    "SemanticLoss",
+    "ShapeMismatchError",
+    "beta_annealing",
+    "beta_schedule",
+    "kl_per_dim",
+    "kl_per_sample",
+    "kl_terms",
+    "normalise_weights",
+    "reconstruction_per_feature",
+    "reconstruction_per_sample",
+]

@@ -1,0 +1,1 @@
+"""The compute behind each command: train, measure, return a plain JSON-ready dict."""

@@ -1,0 +1,259 @@
+"""The one small training loop every command uses.
+
+It trains a VAE-like model (``forward(x)`` returns a dict with ``reconstruction``,
+``mu``, ``log_var``) with a :class:`~meaning_transform.losses.CombinedLoss` and
+returns plain per-epoch records: every raw and weighted loss component, the
+total, β, and the total gradient norm before clipping. Anything that wants to
+look closer (gradient monitors, attribution) plugs in as a step callback.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from meaning_transform.losses.annealing import SCHEDULES, beta_annealing
+
+COMPONENTS: tuple[str, ...] = ("reconstruction", "kl", "semantic", "compression")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+_RESULT_KEYS = {
+    "reconstruction": "reconstruction_loss",
+    "kl": "kl_loss",
+    "semantic": "semantic_loss",
+    "compression": "compression_loss",
+}
+
+
+class DeviceError(ValueError):
+    """The requested device is unknown or not available on this machine."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then falls back to cpu; others must be available."""
+    if name not in DEVICES:
+        raise DeviceError(f"unknown device {name!r}; expected one of {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name == "cuda" and not cuda:
+        raise DeviceError("device 'cuda' requested but CUDA is not available (try --device auto)")
+    if name == "mps" and not mps:
+        raise DeviceError("device 'mps' requested but MPS is not available (try --device auto)")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class BetaSchedule:
+    """β annealing for the KL weight; see :func:`~meaning_transform.losses.beta_annealing`."""
+
+    schedule_type: str = "linear"
+    min_beta: float = 0.0
+    max_beta: float = 1.0
+    cycles: int = 4
+    ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.schedule_type not in SCHEDULES:
+            raise ValueError(
+                f"schedule_type must be one of {', '.join(SCHEDULES)}, got {self.schedule_type!r}"
+            )
+
+    def beta(self, epoch: int, max_epochs: int) -> float:
+        return beta_annealing(
+            epoch,
+            max_epochs,
+            min_beta=self.min_beta,
+            max_beta=self.max_beta,
+            schedule_type=self.schedule_type,
+            cycles=self.cycles,
+            ratio=self.ratio,
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int | None = None  # None: full batch, one step per epoch
+    lr: float = 1e-3
+    clip_grad_norm: float | None = None  # None: no clipping (the norm is still measured)
+    schedule: BetaSchedule | None = None  # None: the loss's own kl_loss_weight throughout
+    device: str = "cpu"
+    seed: int = 0  # shuffling order; the model owns its own noise generator
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be positive, got {self.clip_grad_norm}")
+
+
+@dataclass
+class StepContext:
+    """What a step callback sees. Tensors are live (on the training device)."""
+
+    epoch: int
+    step: int  # global step, from 0
+    model: nn.Module
+    batch: torch.Tensor  # (B, D)
+    output: dict[str, torch.Tensor]
+    loss: dict[str, Any]  # the CombinedLoss result
+    grad_norm: float = math.nan  # total norm before clipping, set after backward
+
+
+class StepCallback(Protocol):
+    """Optional hooks; a callback may define either or both methods."""
+
+    def after_backward(self, ctx: StepContext) -> None: ...
+
+    def after_step(self, ctx: StepContext) -> None: ...
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch, averaged over its steps. Plain floats only."""
+
+    epoch: int
+    beta: float  # the KL weight in force this epoch
+    raw: dict[str, float]  # unweighted component values
+    weighted: dict[str, float]  # weight x raw
+    weights: dict[str, float]
+    total: float
+    grad_norm: float  # mean over steps of the total gradient norm before clipping
+    grad_norm_max: float
+    steps: int
+    skipped_steps: int  # steps whose loss or gradient was non-finite (no update made)
+    floors_engaged: dict[str, int]  # component -> steps in which its floor engaged
+    non_finite: tuple[str, ...]  # descriptions of non-finite events, first few
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    records: tuple[EpochRecord, ...]
+    reduction: dict[str, str]
+    n_samples: int
+    batch_size: int
+    device: str
+    steps: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(batch_size))
+
+
+def train(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: torch.Tensor,
+    config: TrainConfig,
+    callbacks: Sequence[object] = (),
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``data`` (N, D) and return per-epoch records.
+
+    The loss should be a CombinedLoss; in this loop it runs in whatever
+    ``on_non_finite`` mode it was built with (commands use ``record`` so a NaN
+    becomes a finding rather than a crash). A step whose loss or gradient is
+    non-finite makes no parameter update and is counted in ``skipped_steps``.
+    """
+    device = resolve_device(config.device)
+    model.to(device)
+    loss_fn.to(device)
+    data = data.to(device)
+    n = data.shape[0]
+    batch_size = n if config.batch_size is None else min(config.batch_size, n)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = config.clip_grad_norm if config.clip_grad_norm is not None else math.inf
+    shuffle = torch.Generator().manual_seed(config.seed)
+    records: list[EpochRecord] = []
+    step = 0
+    model.train()
+    for epoch in range(config.epochs):
+        if config.schedule is not None:
+            loss_fn.kl_loss_weight = config.schedule.beta(epoch, config.epochs)
+        sums: dict[str, float] = dict.fromkeys(COMPONENTS, 0.0)
+        total_sum, norms, skipped = 0.0, [], 0
+        floors: dict[str, int] = {}
+        events: list[str] = []
+        indices = _batches(n, batch_size, shuffle) if batch_size < n else [None]
+        for idx in indices:
+            batch = data if idx is None else data[idx.to(device)]  # (B, D)
+            output = model(batch)
+            result = loss_fn(output, batch)
+            ctx = StepContext(epoch, step, model, batch, output, result)
+            for name in result.get("floors_engaged", ()):
+                floors[name] = floors.get(name, 0) + 1
+            events.extend(e.describe() for e in result.get("non_finite", ()))
+            optimizer.zero_grad(set_to_none=True)
+            loss = result["loss"]
+            finite_loss = bool(torch.isfinite(loss.detach()))
+            if finite_loss:
+                loss.backward()
+                grad_norm = float(nn.utils.clip_grad_norm_(params, max_norm=max_norm))
+            else:
+                grad_norm = math.nan
+            ctx.grad_norm = grad_norm
+            for cb in callbacks:
+                if hasattr(cb, "after_backward"):
+                    cb.after_backward(ctx)
+            if finite_loss and math.isfinite(grad_norm):
+                optimizer.step()
+            else:
+                skipped += 1
+            for cb in callbacks:
+                if hasattr(cb, "after_step"):
+                    cb.after_step(ctx)
+            for name in COMPONENTS:
+                sums[name] += float(result[_RESULT_KEYS[name]])
+            total_sum += float(loss.detach())
+            norms.append(grad_norm)
+            step += 1
+        k = len(indices)
+        weights = {
+            "reconstruction": float(loss_fn.recon_loss_weight),
+            "kl": float(loss_fn.kl_loss_weight),
+            "semantic": float(loss_fn.semantic_loss_weight),
+            "compression": 1.0,
+        }
+        raw = {name: sums[name] / k for name in COMPONENTS}
+        finite_norms = [g for g in norms if math.isfinite(g)]
+        record = EpochRecord(
+            epoch=epoch,
+            beta=weights["kl"],
+            raw=raw,
+            weighted={name: weights[name] * raw[name] for name in COMPONENTS},
+            weights=weights,
+            total=total_sum / k,
+            grad_norm=sum(finite_norms) / len(finite_norms) if finite_norms else math.nan,
+            grad_norm_max=max(finite_norms) if finite_norms else math.nan,
+            steps=k,
+            skipped_steps=skipped,
+            floors_engaged=floors,
+            non_finite=tuple(events[:5]),
+        )
+        records.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    reduction = dict(result.get("reduction", {})) if records else {}
+    return TrainResult(
+        records=tuple(records),
+        reduction=reduction,
+        n_samples=n,
+        batch_size=batch_size,
+        device=str(device),
+        steps=step,
+    )
