@@ -88,6 +88,11 @@ def debug_loss(
                 ),
             )
         dataset = get_data(data, seed=seed)
+        if semantic_weight and not dataset.agent_layout:
+            raise common.UsageProblem(
+                f"--semantic-weight needs the agent-state layout (10 features per row), "
+                f"the data has {dataset.n_features}; use --semantic-weight 0"
+            )
         train_config = common.train_config(opts)
         with common.progress("training", total=epochs * len(configs), enabled=not json) as tick:
             result = run_debug_loss(

@@ -226,6 +226,7 @@ def term_attribution(
     norms = gram.diagonal().clamp(min=0).sqrt()  # (k,)
     denom = norms.unsqueeze(1) * norms.unsqueeze(0)  # (k, k)
     cosine = torch.where(denom > 0, gram / denom, torch.zeros_like(gram)).clamp(-1.0, 1.0)
+    cosine.diagonal().copy_((norms > 0).to(acc))  # exactly 1 (or 0), not 1 - 2e-16
     packed = torch.cat([norms, share, cosine.flatten(), total_sq.clamp(min=0).sqrt().reshape(1)])
     host = packed.cpu().tolist()  # the one host copy
 
