@@ -89,9 +89,7 @@ def _acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
-def _batched_grads(
-    terms: list[Tensor], params: list[Tensor]
-) -> list[Tensor | None]:
+def _batched_grads(terms: list[Tensor], params: list[Tensor]) -> list[Tensor | None]:
     """Per-parameter (k, *shape) gradients of every term, from ONE vmapped backward."""
     vector = torch.stack(terms)  # (k,)
     eye = torch.eye(len(terms), dtype=vector.dtype, device=vector.device)  # (k, k)
@@ -233,7 +231,7 @@ def term_attribution(
     if write_grad and kc:
         _write_total_grad(grads, plist, [w_total[i] for i in connected])
 
-    norm_h = dict(zip(names, host[:k]))
+    norm_h = dict(zip(names, host[:k], strict=True))
     cos_flat = host[2 * k : 2 * k + k * k]
     cos_h = {a: {b: cos_flat[i * k + j] for j, b in enumerate(names)} for i, a in enumerate(names)}
     return Attribution(
@@ -242,7 +240,7 @@ def term_attribution(
         total_of=total_names,
         norm=norm_h,
         weighted_norm={n: abs(w[n]) * norm_h[n] for n in names},
-        share=dict(zip(names, host[k : 2 * k])),
+        share=dict(zip(names, host[k : 2 * k], strict=True)),
         cosine=cos_h,
         total_norm=host[-1],
         method=used,
@@ -250,10 +248,7 @@ def term_attribution(
         zero_gradient=tuple(n for n in names if norm_h[n] == 0.0),
         detached=tuple(n for i, n in enumerate(names) if i not in connected),
         conflicts=tuple(
-            (a, b)
-            for i, a in enumerate(names)
-            for b in names[i + 1 :]
-            if cos_h[a][b] < 0.0
+            (a, b) for i, a in enumerate(names) for b in names[i + 1 :] if cos_h[a][b] < 0.0
         ),
     )
 
@@ -263,7 +258,7 @@ def _write_total_grad(
 ) -> None:
     """``param.grad += sum_i w_i g_i`` over the connected terms (weights 0 outside the total)."""
     weights = torch.stack(w_connected)  # (kc,)
-    for g, p in zip(grads, params):
+    for g, p in zip(grads, params, strict=True):
         if g is None:
             continue
         w = weights.to(device=g.device, dtype=g.dtype)  # (kc,)

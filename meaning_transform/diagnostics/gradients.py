@@ -137,14 +137,12 @@ def _norms(tensors: list[Tensor]) -> list[Tensor]:
             norms = list(torch._foreach_norm(group, 2.0))
         else:
             norms = [torch.linalg.vector_norm(t, 2.0) for t in group]
-        for i, norm in zip(index, norms):
+        for i, norm in zip(index, norms, strict=True):
             out[i] = norm
     return out
 
 
-def _stat_row(
-    grad: Tensor, norm: Tensor, weight: Tensor, before: Tensor | None
-) -> Tensor:
+def _stat_row(grad: Tensor, norm: Tensor, weight: Tensor, before: Tensor | None) -> Tensor:
     """One parameter's statistics as a (_COLUMNS,) tensor on the gradient's device."""
     dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     g = grad.to(dtype)  # no copy for float32/float64 gradients
@@ -259,7 +257,8 @@ def _assemble(
     step: int | None = None,
 ) -> GradientSnapshot:
     params = tuple(
-        _param_stats(name, p, row, flag) for (name, p), row, flag in zip(named, rows, has_grad)
+        _param_stats(name, p, row, flag)
+        for (name, p), row, flag in zip(named, rows, has_grad, strict=True)
     )
     by_name = {s.name: s for s in params}
     return GradientSnapshot(
@@ -300,7 +299,7 @@ def gradient_snapshot(
     before = update_before or {}
     with_grad = [(name, p) for name, p in named if p.grad is not None]
     grad_norms = _norms([_dense(p.grad) for _, p in with_grad]) if with_grad else []
-    norm_of = {name: n for (name, _), n in zip(with_grad, grad_norms)}
+    norm_of = {name: n for (name, _), n in zip(with_grad, grad_norms, strict=True)}
     rows = [
         _stat_row(_dense(p.grad), norm_of[name], p, before.get(name))
         if p.grad is not None
@@ -326,7 +325,7 @@ def update_ratios(model: nn.Module, before: dict[str, Tensor]) -> dict[str, floa
         return {}
     rows = [_weight_row(p, before[name]) for name, p in named]
     host_rows, _ = _to_host(rows, None)
-    return {name: _update_ratio(row) for (name, _), row in zip(named, host_rows)}
+    return {name: _update_ratio(row) for (name, _), row in zip(named, host_rows, strict=True)}
 
 
 # --------------------------------------------------------------------------- monitor
@@ -560,7 +559,9 @@ def dead_units(model: nn.Module, x: Tensor, batch_size: int = 1024) -> dict[str,
     names = [name for name, _ in relus if name in ever_active]
     if not names:
         return {}
-    fractions = torch.stack(
-        [1.0 - ever_active[name].to(torch.float32).mean() for name in names]
-    ).cpu().tolist()  # one host copy
-    return dict(zip(names, fractions))
+    fractions = (
+        torch.stack([1.0 - ever_active[name].to(torch.float32).mean() for name in names])
+        .cpu()
+        .tolist()
+    )  # one host copy
+    return dict(zip(names, fractions, strict=True))

@@ -119,9 +119,7 @@ def latent_health(
     )
 
 
-def encode_means(
-    model: nn.Module, x: Tensor, batch_size: int = 1024
-) -> tuple[Tensor, Tensor]:
+def encode_means(model: nn.Module, x: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
     """Posterior ``(mu, log_var)`` for every row of ``x``, in eval mode under ``no_grad``.
 
     ``model(batch)`` must return a dict with ``"mu"`` and ``"log_var"`` (the MeaningVAE

@@ -22,10 +22,10 @@ def test_hooks_record_each_backward_and_match_snapshot(model, x):
         second = gradient_snapshot(model)
     history = hooks.history
     assert [h.step for h in history] == [0, 1]
-    for recorded, direct in zip(history, (first, second)):
+    for recorded, direct in zip(history, (first, second), strict=True):
         assert recorded.total_norm == pytest.approx(direct.total_norm, rel=1e-6)
         assert recorded.missing == direct.missing == ("unused.weight", "unused.bias")
-        for a, b in zip(recorded.params, direct.params):
+        for a, b in zip(recorded.params, direct.params, strict=True):
             assert a.name == b.name
             if b.has_grad:
                 assert a.norm == pytest.approx(b.norm, rel=1e-6)
