@@ -29,22 +29,33 @@ from meaning_transform.losses.kl import (
     LOG_VAR_MAX,
     LOG_VAR_MIN,
     KLDivergenceLoss,
+    clamp_log_var,
+    kl_elementwise,
     kl_per_dim,
     kl_per_sample,
     kl_terms,
 )
 from meaning_transform.losses.reconstruction import (
+    LOSS_TYPES,
     ReconstructionLoss,
+    reconstruction_per_element,
     reconstruction_per_feature,
     reconstruction_per_sample,
 )
-from meaning_transform.losses.semantic import SIMILARITY_TYPES, SemanticLoss
+from meaning_transform.losses.semantic import (
+    MODES,
+    SIMILARITY_TYPES,
+    SemanticLoss,
+    breakdown_floats,
+)
 
 __all__ = [
     "CANONICAL_FEATURE_WEIGHTS",
     "COMPONENT_FLOOR",
     "LOG_VAR_MAX",
     "LOG_VAR_MIN",
+    "LOSS_TYPES",
+    "MODES",
     "SCHEDULES",
     "SIMILARITY_TYPES",
     "TOTAL_FLOOR",
@@ -59,11 +70,15 @@ __all__ = [
     "SemanticLoss",
     "ShapeMismatchError",
     "beta_annealing",
+    "breakdown_floats",
+    "clamp_log_var",
+    "kl_elementwise",
     "beta_schedule",
     "kl_per_dim",
     "kl_per_sample",
     "kl_terms",
     "normalise_weights",
+    "reconstruction_per_element",
     "reconstruction_per_feature",
     "reconstruction_per_sample",
 ]

@@ -407,6 +407,18 @@ class FeatureWeightedLoss(CombinedLoss):
         """Move the progressive schedule to ``epoch`` of ``max_epochs`` (0-based).
 
         Progress is epoch / (max_epochs - 1), capped at 1; with one epoch it is 1.
+        Call it once per epoch, like ``beta_annealing``; it has no effect unless
+        ``progressive=True``.
+
+        Args:
+            epoch: 0-based epoch, >= 0.
+            max_epochs: number of epochs, >= 1.
+
+        Example:
+            >>> loss_fn = FeatureWeightedLoss(progressive=True)
+            >>> loss_fn.set_epoch(9, 10)
+            >>> loss_fn.scheduled_weights() == loss_fn.base_feature_weights
+            True
         """
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs!r}")
@@ -415,7 +427,16 @@ class FeatureWeightedLoss(CombinedLoss):
         self.progress = 1.0 if max_epochs == 1 else min(1.0, epoch / (max_epochs - 1))
 
     def scheduled_weights(self) -> dict[str, float]:
-        """Feature weights after the progressive schedule (before stability adjustment)."""
+        """Feature weights after the progressive schedule (before stability adjustment).
+
+        Shape:
+            - output: dict feature name -> weight, summing to 1
+
+        Example:
+            >>> w = FeatureWeightedLoss(progressive=True).scheduled_weights()  # epoch 0
+            >>> sorted(n for n, v in w.items() if v > 0)
+            ['energy', 'health', 'position']
+        """
         base = self.base_feature_weights
         if not self.progressive:
             return dict(base)

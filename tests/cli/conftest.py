@@ -47,6 +47,11 @@ def assert_bad_input(run: Run, *words: str) -> None:
         assert word in lines[0], (word, lines[0])
 
 
+@pytest.fixture(name="assert_bad_input")
+def _assert_bad_input() -> Callable[..., None]:
+    return assert_bad_input
+
+
 @pytest.fixture
 def agent_file(tmp_path):
     from meaning_transform.data import synthetic_agent_states

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_bad_input
 
 FAST = ("--epochs", "2", "--json")
 
@@ -104,11 +103,11 @@ def test_plot_writes_png(mtx, tmp_path):
         (("--data", "/nonexistent/x.npy"), ("not found",)),
     ],
 )
-def test_bad_options_exit_2_with_one_line(mtx, args, words):
+def test_bad_options_exit_2_with_one_line(mtx, assert_bad_input, args, words):
     assert_bad_input(mtx("debug-loss", "--epochs", "1", *args), *words)
 
 
-def test_bad_data_files(mtx, tmp_path):
+def test_bad_data_files(mtx, assert_bad_input, tmp_path):
     nan = tmp_path / "nan.npy"
     arr = np.zeros((8, 10))
     arr[2, 3] = np.nan
@@ -125,7 +124,7 @@ def test_bad_data_files(mtx, tmp_path):
     )
 
 
-def test_plot_path_problems(mtx, tmp_path):
+def test_plot_path_problems(mtx, assert_bad_input, tmp_path):
     existing = tmp_path / "exists.png"
     existing.write_bytes(b"keep")
     assert_bad_input(

@@ -101,3 +101,12 @@ def test_bad_arguments_name_the_argument(kwargs, name) -> None:
     args = {"epoch": 0, "max_epochs": 10, **kwargs}
     with pytest.raises(ValueError, match=name):
         beta_annealing(**args)
+
+
+@pytest.mark.parametrize("n, m, r", [(10, 4, 0.5), (7, 2, 0.5), (25, 3, 0.8)])
+def test_cyclical_follows_the_formula_when_epochs_are_not_a_multiple(n, m, r) -> None:
+    # frange_cycle_linear's int() indexing differs here; the DESIGN formula is the contract.
+    period = n / m
+    want = [min(1.0, (e % period) / (period * r)) for e in range(n)]
+    np.testing.assert_allclose(beta_schedule(n, schedule_type="cyclical", cycles=m, ratio=r), want)
+    assert beta_schedule(10, schedule_type="cyclical")[3] == pytest.approx(0.4)  # i = 0.5
