@@ -460,6 +460,10 @@ class GradientHooks:
 
     def _hook(self, index: int) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
+            if index in self._current:
+                # A leaf accumulates once per backward, so an earlier backward never reached
+                # its end callback (it raised): close that record before starting this one.
+                self._end_backward()
             if not self._callback_queued:
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
                 self._callback_queued = True

@@ -55,6 +55,7 @@ FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 # per-sample BCE is then at most -log(1e-6) ~ 13.8 and never inf.
 PROB_EPS = 1e-6
 COSINE_EPS = 1e-8
+ROLE_TEMPERATURE = 0.1  # role slots / T are the logits: a one-hot row is then a near-certain class
 
 
 def _bce(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,9 +111,10 @@ class SemanticLoss(nn.Module):
       (~13.8) with no gradient through this term; its ``health`` term still
       pulls it back.
     - ``role``: in ``"soft"`` mode cross-entropy of the reconstruction's five role
-      slots read as logits against the original's argmax role. Note that a
-      perfect one-hot reconstruction still scores log(1 + 4/e) ~ 0.91: the
-      term reaches zero only as the logit margin grows.
+      slots, divided by ``ROLE_TEMPERATURE`` (0.1) and read as logits, against the
+      original's argmax role. The temperature makes a one-hot reconstruction
+      (margin 1 → logit margin 10) score log(1 + 4e^-10) ~ 2e-4 instead of the
+      0.91 that raw logits would give, so a perfect role is near zero.
 
     ``mode="hard"`` reproduces the original fault: is_alive and threatened from
     hard thresholds of the reconstruction, role from argmax equality. Those three
@@ -233,7 +235,8 @@ class SemanticLoss(nn.Module):
                 (THREAT_HEALTH - health) / t
             )  # (B,)
             feats["is_alive"] = _bce(alive_p, targets["is_alive"])
-            feats["role"] = F.cross_entropy(rec[:, ROLE], role_target, reduction="none")
+            role_logits = rec[:, ROLE] / ROLE_TEMPERATURE  # (B, 5)
+            feats["role"] = F.cross_entropy(role_logits, role_target, reduction="none")
             feats["threatened"] = _bce(threat_p, targets["threatened"])
         else:
             # The original fault: comparisons and argmax have no gradient path.

@@ -68,3 +68,29 @@ def test_hooks_count_non_finite(model, x):
     snap = hooks.history[0]
     assert snap.param("mu.weight").non_finite == model.mu.weight.numel()
     assert math.isnan(snap.total_norm)
+
+
+class FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a):
+        return a.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward failed")
+
+
+def test_a_failed_backward_does_not_stall_recording(model, x):
+    with GradientHooks(model) as hooks:
+        out = model(x)
+        # The decoder's grads are accumulated before the encoder's branch raises.
+        loss = loss_terms(out, x)["recon"] + FailingBackward.apply(out["mu"]).sum()
+        with pytest.raises(RuntimeError, match="backward failed"):
+            loss.backward()
+        step(model, x)
+        step(model, x)
+    assert len(hooks.history) >= 2
+    torch.testing.assert_close(
+        torch.tensor(hooks.history[-1].total_norm),
+        torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf),
+    )
