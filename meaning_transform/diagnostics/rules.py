@@ -19,13 +19,22 @@ Rule = Callable[["RunEvidence"], list[Finding]]
 
 @dataclass(frozen=True)
 class RunEvidence:
-    """What one training run left behind, as plain data. ``None`` = not measured."""
+    """What one training run left behind, as plain data. Empty/``None`` = not measured.
+
+    Every field but ``where`` is optional: a rule whose evidence is missing is silent.
+    """
 
     where: str  # which run ("Default", "agent_states", ...)
     records: tuple[Any, ...] = ()  # training.EpochRecord per epoch
-    reduction: dict[str, str] = field(default_factory=dict)
+    reduction: dict[str, str] = field(default_factory=dict)  # term -> "mean" | "sum"
     batch_size: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    snapshots: tuple[Any, ...] = ()  # gradients.GradientSnapshot per monitored step
+    attributions: tuple[Any, ...] = ()  # attribution.Attribution per attributed step
+    term_values: tuple[dict[str, float], ...] = ()  # unweighted term values, same steps
+    latent: Any = None  # latent.LatentHealth at the end of training
+    dead_units: dict[str, float] | None = None  # ReLU module -> fraction never active
+    noise_changed: bool | None = None  # did two train-mode passes draw different z?
+    input_non_finite: int | None = None  # NaN/Inf count in the training data
 
 
 RULES: list[Rule] = []

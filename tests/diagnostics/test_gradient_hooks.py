@@ -82,11 +82,13 @@ class FailingBackward(torch.autograd.Function):
 
 def test_a_failed_backward_does_not_stall_recording(model, x):
     with GradientHooks(model) as hooks:
-        out = model(x)
-        # The decoder's grads are accumulated before the encoder's branch raises.
-        loss = loss_terms(out, x)["recon"] + FailingBackward.apply(out["mu"]).sum()
+        # Created first, so the autograd engine runs its backward last: the other
+        # parameters' grads (and hooks) are done by the time it raises.
+        failing = FailingBackward.apply(model.unused.weight).sum()
+        loss = loss_terms(model(x), x)["recon"] + failing
         with pytest.raises(RuntimeError, match="backward failed"):
             loss.backward()
+        assert hooks._current  # hooks fired, but the end-of-backward callback never ran
         step(model, x)
         step(model, x)
     assert len(hooks.history) >= 2
