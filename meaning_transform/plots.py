@@ -39,3 +39,59 @@ def debug_loss_figure(result: dict[str, Any]) -> Figure:
     ax_final.legend()
     fig.tight_layout()
     return fig
+
+
+def anneal_figure(result: dict[str, Any]) -> Figure:
+    """β per epoch, and reconstruction, KL, β·KL and total per epoch."""
+    epochs = result["epochs"]
+    xs = [e["epoch"] for e in epochs]
+    sched = result["schedule"]
+    fig, (ax_beta, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_beta.plot(xs, result["beta_curve"], marker="o", drawstyle="steps-post")
+    ax_beta.set_xlabel("epoch")
+    ax_beta.set_ylabel("β (KL weight)")
+    ax_beta.set_title(f"{sched['type']} schedule")
+    for key, label in (
+        ("reconstruction", "reconstruction"),
+        ("kl", "KL"),
+        ("weighted_kl", "β·KL"),
+        ("total", "total"),
+    ):
+        ax_loss.plot(xs, [e[key] for e in epochs], marker=".", label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel(f"loss ({result.get('reduction', 'mean')})")
+    ax_loss.set_yscale("symlog", linthresh=1e-3)
+    ax_loss.legend()
+    fig.tight_layout()
+    return fig
+
+
+def check_grads_figure(result: dict[str, Any]) -> Figure:
+    """Per-parameter gradient norm at the last step (log scale), and total norm per step."""
+    fig, (ax_params, ax_steps) = plt.subplots(
+        1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]}
+    )
+    params = result["parameters"]
+    names = [p["name"] for p in params]
+    # log scale: a missing, zero or non-finite norm has no bar; its flags say why
+    norms = [
+        p["norm"] if p["norm"] is not None and 0 < p["norm"] < float("inf") else float("nan")
+        for p in params
+    ]
+    colours = ["tab:red" if p["flags"] and p["flags"] != ["bn-absorbed"] else "tab:blue"
+               for p in params]
+    ax_params.bar(range(len(names)), norms, color=colours)
+    ax_params.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax_params.set_yscale("log")
+    ax_params.set_ylabel("gradient norm")
+    ax_params.set_title(f"per parameter, step {result.get('last_step')} (red: flagged)")
+    steps = [s for s in result["steps"] if s["total_norm"] is not None]
+    ax_steps.plot([s["step"] for s in steps], [s["total_norm"] for s in steps], marker="o",
+                  label="total norm (before clipping)")
+    if result.get("clip") is not None:
+        ax_steps.axhline(result["clip"], color="tab:red", linestyle="--", label="--clip")
+    ax_steps.set_xlabel("step")
+    ax_steps.set_ylabel("total gradient norm")
+    ax_steps.legend()
+    fig.tight_layout()
+    return fig

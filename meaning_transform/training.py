@@ -111,7 +111,14 @@ class StepContext:
 
 
 class StepCallback(Protocol):
-    """Optional hooks; a callback may define either or both methods."""
+    """Optional hooks; a callback may define any of the three methods.
+
+    ``before_backward`` sees the live graph (per-term gradients can be taken there);
+    ``after_backward`` sees the gradients before clipping and the update;
+    ``after_step`` runs after the optimizer step (or after a skipped one).
+    """
+
+    def before_backward(self, ctx: StepContext) -> None: ...
 
     def after_backward(self, ctx: StepContext) -> None: ...
 
@@ -201,6 +208,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss = result["loss"]
             finite_loss = bool(torch.isfinite(loss.detach()))
+            for cb in callbacks:
+                if hasattr(cb, "before_backward"):
+                    cb.before_backward(ctx)
             if finite_loss:
                 loss.backward()
                 grad_norm = float(nn.utils.clip_grad_norm_(params, max_norm=max_norm))

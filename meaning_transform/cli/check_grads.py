@@ -1,8 +1,115 @@
-"""Placeholder until this command lands."""
+"""``mtx check-grads``: per-parameter gradient statistics over a few training steps."""
 
 from __future__ import annotations
 
+import math
+from typing import Annotated
 
-def check_grads() -> None:
-    """Not built yet."""
-    raise SystemExit("not built yet")
+import typer
+
+from meaning_transform.cli import common
+from meaning_transform.cli.common import (
+    BatchSize,
+    DataPath,
+    Device,
+    Epochs,
+    FailOn,
+    Force,
+    Json,
+    Lr,
+    Plot,
+    Seed,
+)
+
+
+def check_grads(
+    kl_weight: Annotated[float, typer.Option("--kl-weight", help="KL weight.")] = 0.1,
+    recon_weight: Annotated[
+        float, typer.Option("--recon-weight", help="Reconstruction weight.")
+    ] = 1.0,
+    semantic_weight: Annotated[
+        float | None,
+        typer.Option(
+            "--semantic-weight",
+            help="Semantic weight (default 0.5; off on data that is not the agent layout).",
+            show_default=False,
+        ),
+    ] = None,
+    reduction: Annotated[
+        str, typer.Option("--reduction", help="mean (per sample) | sum (over the batch).")
+    ] = "mean",
+    clip: Annotated[
+        float | None,
+        typer.Option(
+            "--clip",
+            help="Clip gradients to this max norm (statistics are taken before clipping).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    epochs: Epochs = 3,
+    batch_size: BatchSize = 128,
+    lr: Lr = 1e-3,
+    data: DataPath = None,
+    json: Json = False,
+    plot: Plot = None,
+    fail_on: FailOn = "error",
+    force: Force = False,
+) -> None:
+    """Train a fresh VAE for a few steps and show every parameter's gradient.
+
+    Every optimizer step of --epochs epochs is monitored (512 samples, batch 128, 3 epochs:
+    12 steps). Per step: the total gradient norm, which equals what
+    torch.nn.utils.clip_grad_norm_ returns for the same gradients, and the ratio of the
+    first to the last Linear layer's gradient norm. For the last step, per parameter:
+    shape, norm, mean, std, min, max, share of exact zeros, NaN/Inf count and the update
+    relative to the weight. Parameters that require a gradient but never got one, and
+    vanished, non-finite, frozen or oversized updates are flagged. With --clip the
+    gradients are clipped after they are measured: reported norms are before clipping.
+
+    Example: mtx check-grads --epochs 2 --clip 1.0 --json
+    """
+    opts = common.CommonOptions(
+        seed, device, epochs, batch_size, lr, data, json, plot, fail_on, force
+    )
+    with common.user_errors_exit():
+        opts.validate()
+        common.choice("--reduction", reduction, ("mean", "sum"))
+        for name, value in (
+            ("--kl-weight", kl_weight),
+            ("--recon-weight", recon_weight),
+            ("--semantic-weight", semantic_weight),
+        ):
+            if value is not None:
+                common.non_negative(name, value)
+        if clip is not None and not (clip > 0 and math.isfinite(clip)):
+            raise common.UsageProblem(f"--clip must be a positive number, got {clip}")
+
+        from meaning_transform.studies.check_grads import run_check_grads
+        from meaning_transform.studies.setup import get_data
+
+        dataset = get_data(data, seed=seed)
+        if semantic_weight and not dataset.agent_layout:
+            raise common.UsageProblem(
+                f"--semantic-weight needs the agent-state layout (10 features per row), "
+                f"the data has {dataset.n_features}; use --semantic-weight 0"
+            )
+        train_config = common.train_config(opts, clip_grad_norm=clip)
+        with common.progress("training", total=epochs, enabled=not json) as tick:
+            result = run_check_grads(
+                dataset,
+                train_config,
+                recon=recon_weight,
+                kl=kl_weight,
+                semantic=0.5 if semantic_weight is None else semantic_weight,
+                reduction=reduction,
+                on_epoch=tick,
+            )
+        result["config"] = {**opts.config(), "reduction": reduction, "clip": clip}
+        if plot is not None:
+            from meaning_transform.plots import check_grads_figure
+
+            common.save_plot(plot, check_grads_figure, result)
+            result["plot"] = str(plot)
+    common.finish(result, opts)

@@ -192,3 +192,155 @@ def render_debug_loss(result: dict[str, Any]) -> None:
     render_findings(result["findings"])
 
 
+
+
+@renderer("anneal-demo")
+def render_anneal_demo(result: dict[str, Any]) -> None:
+    s = result["schedule"]
+    extra = (
+        f"  schedule [bold]{s['type']}[/] β {num(s['min_beta'])}→{num(s['max_beta'])}"
+    )
+    if s["type"] == "cyclical":
+        extra += f" (cycles {s['cycles']}, ratio {num(s['ratio'])})"
+    render_header(result, extra)
+    if not result.get("semantic_applicable", True):
+        out.print("[dim]semantic term off: the data is not the 10-feature agent-state layout[/]")
+    w = result["weights"]
+    t = table(
+        f"Per epoch (reconstruction weight {num(w['reconstruction'])}, KL weight β, "
+        f"semantic weight {num(w['semantic'])})",
+        ["epoch", "β", "recon", "KL", "β·KL", "semantic", "total", "grad norm", "flags"],
+    )
+    for e in result["epochs"]:
+        flags = sorted(
+            {f"{name}:{fl}" for name, row in e["components"].items() for fl in row["flags"]
+             if fl != "off"}
+            | {f"total:{fl}" for fl in e["total_flags"]}
+        )
+        semantic = e["components"].get("semantic", {})
+        t.add_row(
+            str(e["epoch"]),
+            num(e["beta"]),
+            num(e["reconstruction"]),
+            num(e["kl"]),
+            num(e["weighted_kl"]),
+            Text("off", style="dim") if "off" in semantic.get("flags", []) else num(e["semantic"]),
+            num(e["total"]),
+            num(e["grad_norm"]),
+            flags_text(flags),
+        )
+    out.print(t)
+    for label, values in (
+        ("β    ", result["beta_curve"]),
+        ("KL   ", [e["kl"] for e in result["epochs"]]),
+        ("total", [e["total"] for e in result["epochs"]]),
+    ):
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        span = f"min {num(min(finite))}  max {num(max(finite))}" if finite else "no finite values"
+        out.print(f"{label} {sparkline(values)}  {span}", markup=False)
+    if result.get("not_checked"):
+        out.print(
+            f"[dim]not checked while β changes (the total is a different objective each "
+            f"epoch): {', '.join(result['not_checked'])}[/]"
+        )
+    render_findings(result["findings"])
+
+
+CHECK_GRADS_FLAG_STYLE = {
+    "no-grad": "bold red",
+    "non-finite": "bold red",
+    "all-zero": "bold red",
+    "missing": "bold yellow",
+    "tiny": "bold yellow",
+    "frozen": "bold yellow",
+    "large-update": "bold yellow",
+    "bn-absorbed": "dim",
+}
+
+
+@renderer("check-grads")
+def render_check_grads(result: dict[str, Any]) -> None:
+    clip = result.get("clip")
+    w = result["weights"]
+    render_header(
+        result,
+        f"  weights r/kl/s {w['reconstruction']:g}/{w['kl']:g}/{w['semantic']:g}"
+        + (f"  clip {clip:g}" if clip is not None else ""),
+    )
+    if not result.get("semantic_applicable", True):
+        out.print("[dim]semantic term off: the data is not the 10-feature agent-state layout[/]")
+    steps = result["steps"]
+    shown = steps if len(steps) <= 12 else steps[:5] + [None] + steps[-5:]
+    t = table(
+        "Per step",
+        ["step", "epoch", "loss", "total norm", "clip_grad_norm_", "first/last", "missing",
+         "non-finite"],
+        caption=f"total norm over steps {sparkline(s['total_norm'] for s in steps)}",
+    )
+    for s in shown:
+        if s is None:
+            t.add_row("…", "", "", "", "", "", "", "")
+            continue
+        t.add_row(
+            str(s["step"]),
+            str(s["epoch"]),
+            num(s["loss"]),
+            num(s["total_norm"]) + (" (clipped)" if s["clipped"] else ""),
+            num(s["clip_grad_norm"]),
+            num(s["first_last_ratio"]),
+            str(len(s["missing"])),
+            str(s["non_finite"]),
+        )
+    out.print(t)
+    th = result["thresholds"]
+    t = table(
+        f"Parameters at step {result['last_step']}",
+        ["parameter", "shape", "norm", "mean", "std", "min", "max", "zeros", "NaN",
+         "Δw/w", "flags"],
+        caption=(
+            "gradients before clipping; NaN = NaN/Inf entries; Δw/w = ||update|| / ||weight||; "
+            f"tiny: mean|g| < {th['tiny_abs_mean']:g}; large-update: Δw/w > "
+            f"{th['large_update']:g} (weight matrices; ~1e-3 is typical)"
+        ),
+    )
+    t.padding = 0  # 11 columns in 120: the box's one-space separator is the only gap
+    t.show_edge = False
+    longest = max((len(p["name"]) for p in result["parameters"]), default=9)
+    widths = [longest, 5, 8, 9, 8, 9, 9, 6, 3, 8]  # std and Δw/w are never negative
+    for column, width in zip(t.columns, widths):  # the flags may wrap; nothing else may
+        column.no_wrap = True
+        column.min_width = width
+    for p in result["parameters"]:
+        flags = Text()
+        for i, flag in enumerate(p["flags"]):
+            if i:
+                flags.append(" ")
+            flags.append(flag, style=CHECK_GRADS_FLAG_STYLE.get(flag, "yellow"))
+        t.add_row(
+            p["name"],
+            "×".join(str(d) for d in p["shape"]) or "scalar",
+            num(p["norm"], 3),
+            num(p["mean"], 3),
+            num(p["std"], 3),
+            num(p["min"], 3),
+            num(p["max"], 3),
+            pct(p["zero_fraction"]),
+            num(p["non_finite"]),
+            num(p["update_ratio"], 3),
+            flags,
+        )
+    out.print(t)
+    out.print(
+        f"total gradient norm {num(result['total_norm'])} before clipping "
+        f"(clip_grad_norm_ returned {num(result['clip_grad_norm'])})"
+    )
+    out.print(
+        f"first/last layer gradient norm ratio {num(result['first_last_ratio'])} "
+        f"({result['first_layer']} / {result['last_layer']})"
+    )
+    never = result["never_received"]
+    if never:
+        out.print(f"[bold red]never received a gradient:[/] {', '.join(never)}")
+    else:
+        out.print("every parameter that requires a gradient received one")
+    render_findings(result["findings"])

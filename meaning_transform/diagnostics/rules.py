@@ -126,3 +126,468 @@ def zero_loss(ev: RunEvidence) -> list[Finding]:
             )
         )
     return found
+
+
+# ---- thresholds (literature values; see the README's findings table) ----
+VANISHING_ABS_MEAN = 1e-7  # DeepDiagnosis: mean |g| below this
+VANISHING_RATIO = 1e-3  # AUTOTRAINER: |g_first| / |g_last| below this ...
+VANISHING_FIRST = 1e-4  # ... with |g_first| below this
+EXPLODING_RATIO = 70.0  # AUTOTRAINER: |g_first| / |g_last| above this
+EXPLODING_NORM = 1e3  # total norm above this (no literature value; see README)
+DEAD_RELU = 0.7  # fraction of a layer's units never active
+DOMINANCE = 100.0  # one term's weighted gradient norm over another's
+NO_GRAD_RELATIVE = 1e-8  # a term's gradient norm relative to its value: "none"
+SCALE_IMBALANCE = 1e3  # largest / smallest weighted term value
+PLATEAU_IMPROVEMENT = 0.01  # total must fall by 1% between first and last epoch
+OSC_RISE = 0.05  # an epoch total more than 5% above the previous one is a rise ...
+OSC_RISE_SHARE = 0.2  # ... and at least 2 rises in 20% of the moves is oscillation
+CONFLICT_SHARE = 0.5  # share of attributed steps with cos < 0 for "sustained" ...
+CONFLICT_INFO = -0.25  # ... with a mean cosine below this (mild conflict is normal)
+CONFLICT_WARNING = -0.5  # strong conflict
+
+
+def _steps_with(ev: RunEvidence, pred: Callable[[Any], bool]) -> list[Any]:
+    return [s for s in ev.snapshots if pred(s)]
+
+
+@rule
+def nonfinite_grad(ev: RunEvidence) -> list[Finding]:
+    bad = _steps_with(ev, lambda s: any((p.non_finite or 0) > 0 for p in s.params))
+    if not bad:
+        return []
+    params = sorted({p.name for s in bad for p in s.params if (p.non_finite or 0) > 0})
+    return [
+        Finding(
+            code="nonfinite-grad",
+            severity="error",
+            title="Gradient holds NaN/Inf",
+            message=(
+                f"{len(bad)} of {len(ev.snapshots)} steps had non-finite gradients, in "
+                f"{', '.join(params[:4])}" + (" ..." if len(params) > 4 else "")
+            ),
+            remedy=(
+                "Look for sqrt/log/division at zero in custom loss terms (a finite loss can "
+                "still have an infinite derivative); clip gradients; lower the learning rate."
+            ),
+            evidence={"steps": len(bad), "parameters": len(params)},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def nonfinite_input(ev: RunEvidence) -> list[Finding]:
+    if not ev.input_non_finite:
+        return []
+    return [
+        Finding(
+            code="nonfinite-input",
+            severity="error",
+            title="Training data holds NaN/Inf",
+            message=f"{ev.input_non_finite} non-finite values entered the model",
+            remedy="Clean or impute the data and normalise it to a reasonable range.",
+            evidence={"values": ev.input_non_finite},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def posterior_collapse(ev: RunEvidence) -> list[Finding]:
+    lat = ev.latent
+    if lat is None or lat.non_finite or not lat.collapsed:
+        return []
+    return [
+        Finding(
+            code="posterior-collapse",
+            severity="warning",
+            title="Posterior collapse: the KL term vanished",
+            message=(
+                f"{lat.active_units} of {lat.latent_dim} latent units active "
+                f"(Var of mu > {lat.active_threshold}); KL {_fmt(lat.kl_total)} nats, "
+                f"{len(lat.collapsed_dims)} dims below {lat.collapse_threshold}"
+            ),
+            remedy=(
+                "Anneal beta from ~0 (mtx anneal-demo --schedule cyclical), lower the KL "
+                "weight, or use free bits (Kingma et al. 2016); a decoder that ignores z "
+                "may be too strong."
+            ),
+            evidence={
+                "active_units": lat.active_units,
+                "latent_dim": lat.latent_dim,
+                "kl_total": lat.kl_total,
+            },
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def frozen_noise(ev: RunEvidence) -> list[Finding]:
+    if ev.noise_changed is not False:
+        return []
+    return [
+        Finding(
+            code="frozen-noise",
+            severity="error",
+            title="Reparameterisation noise never changes",
+            message="every training step drew the same eps: z is a fixed function of x",
+            remedy=(
+                "Do not reseed the RNG inside forward(); draw eps from a generator owned by "
+                "the model (seeded once) so it is fresh each step and still reproducible."
+            ),
+            evidence={"steps": len(ev.snapshots)},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def no_grad_path(ev: RunEvidence) -> list[Finding]:
+    """A term with a real value whose gradient is (near) zero at every attributed step."""
+    found: list[Finding] = []
+    if not ev.attributions:
+        return found
+    for name in ev.attributions[-1].terms:
+        ratios = []
+        for att, values in zip(ev.attributions, ev.term_values, strict=False):
+            value = abs(values.get(name, 0.0))
+            if value > 1e-6:
+                ratios.append(att.norm.get(name, 0.0) / value)
+        if ratios and max(ratios) <= NO_GRAD_RELATIVE:
+            value = ev.term_values[-1].get(name, math.nan)
+            found.append(
+                Finding(
+                    code="no-grad-path",
+                    severity="error",
+                    title=f"{name} has a value but no gradient",
+                    message=(
+                        f"{name} = {_fmt(value)} contributes to the loss but its gradient "
+                        f"norm is {_fmt(ev.attributions[-1].norm.get(name, 0.0))}: "
+                        "it cannot be reduced by training"
+                    ),
+                    remedy=(
+                        "Replace hard thresholds, argmax, round or .detach() in this term "
+                        "with a differentiable form (sigmoid-smoothed thresholds, "
+                        "cross-entropy over the class slots)."
+                    ),
+                    evidence={"value": value, "grad_norm": ev.attributions[-1].norm.get(name)},
+                    where=f"{ev.where}:{name}",
+                )
+            )
+    return found
+
+
+def _main_terms(att: Any) -> list[str]:
+    return [n for n in att.total_of if att.weights.get(n, 0.0) != 0.0]
+
+
+@rule
+def grad_dominance(ev: RunEvidence) -> list[Finding]:
+    if not ev.attributions:
+        return []
+    last = ev.attributions[-1]
+    names = [n for n in _main_terms(last) if last.norm.get(n, 0.0) > 0.0]
+    if len(names) < 2:
+        return []
+    mean = {
+        n: sum(a.weighted_norm.get(n, 0.0) for a in ev.attributions) / len(ev.attributions)
+        for n in names
+    }
+    top = max(names, key=lambda n: mean[n])
+    low = min(names, key=lambda n: mean[n])
+    ratio = mean[top] / mean[low] if mean[low] > 0 else math.inf
+    if ratio <= DOMINANCE:
+        return []
+    return [
+        Finding(
+            code="grad-dominance",
+            severity="warning",
+            title=f"{top} dominates the gradient",
+            message=(
+                f"{top}'s weighted gradient norm is {_fmt(ratio)}x {low}'s "
+                f"({_fmt(mean[top])} vs {_fmt(mean[low])}): {low} barely trains"
+            ),
+            remedy=(
+                f"Rebalance the weights (scale {low}'s weight up or {top}'s down by ~"
+                f"{_fmt(math.sqrt(ratio))}x), or normalise each term per sample."
+            ),
+            evidence={"ratio": ratio, "dominant": top, "weak": low},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def grad_conflict(ev: RunEvidence) -> list[Finding]:
+    if not ev.attributions:
+        return []
+    found = []
+    names = _main_terms(ev.attributions[-1])
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            cos = [att.cosine.get(a, {}).get(b, 0.0) for att in ev.attributions]
+            share = sum(c < 0 for c in cos) / len(cos)
+            mean_cos = sum(cos) / len(cos)
+            if share < CONFLICT_SHARE or mean_cos >= CONFLICT_INFO:
+                continue
+            severity = "warning" if mean_cos < CONFLICT_WARNING else "info"
+            found.append(
+                Finding(
+                    code="grad-conflict",
+                    severity=severity,
+                    title=f"{a} and {b} pull against each other",
+                    message=(
+                        f"cos(g_{a}, g_{b}) < 0 in {share:.0%} of attributed steps "
+                        f"(mean {mean_cos:.2f}); some conflict between reconstruction and "
+                        "KL is normal, a strongly negative cosine is not"
+                    ),
+                    remedy=(
+                        "If one term should win, re-weight; if both matter, project out the "
+                        "conflict (PCGrad) or anneal the weaker term in."
+                    ),
+                    evidence={"mean_cosine": mean_cos, "share": share},
+                    where=f"{ev.where}:{a}|{b}",
+                )
+            )
+    return found
+
+
+@rule
+def vanishing_grad(ev: RunEvidence) -> list[Finding]:
+    if not ev.snapshots:
+        return []
+    last = ev.snapshots[-1]
+    grads = [p for p in last.params if p.has_grad and p.abs_mean is not None]
+    if not grads:
+        return []
+    numel = sum(p.numel for p in grads)
+    abs_mean = sum((p.abs_mean or 0.0) * p.numel for p in grads) / numel
+    first = last.param(last.first_layer) if last.first_layer else None
+    first_norm = first.norm if first is not None and first.norm is not None else math.nan
+    ratio = last.first_last_ratio
+    by_ratio = ratio is not None and ratio < VANISHING_RATIO and first_norm < VANISHING_FIRST
+    if not (abs_mean < VANISHING_ABS_MEAN or by_ratio):
+        return []
+    return [
+        Finding(
+            code="vanishing-grad",
+            severity="warning",
+            title="Gradients vanish",
+            message=(
+                f"mean |g| {_fmt(abs_mean)} (vanishing below {VANISHING_ABS_MEAN}); "
+                f"first/last layer norm ratio {_fmt(ratio) if ratio is not None else 'n/a'}, "
+                f"first layer norm {_fmt(first_norm)}"
+            ),
+            remedy=(
+                "Use Kaiming/Xavier initialisation, ReLU-family activations, batch norm or "
+                "residual paths; check inputs are normalised; raise the learning rate only "
+                "after the architecture is fixed."
+            ),
+            evidence={"abs_mean": abs_mean, "first_last_ratio": ratio, "first_norm": first_norm},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def exploding_grad(ev: RunEvidence) -> list[Finding]:
+    if not ev.snapshots:
+        return []
+    ratios = [s.first_last_ratio for s in ev.snapshots if s.first_last_ratio is not None]
+    norms = [s.total_norm for s in ev.snapshots if math.isfinite(s.total_norm)]
+    max_ratio = max(ratios, default=0.0)
+    max_norm = max(norms, default=0.0)
+    if max_ratio <= EXPLODING_RATIO and max_norm <= EXPLODING_NORM:
+        return []
+    return [
+        Finding(
+            code="exploding-grad",
+            severity="warning",
+            title="Gradients explode",
+            message=(
+                f"max first/last layer norm ratio {_fmt(max_ratio)} (limit {EXPLODING_RATIO}), "
+                f"max total norm {_fmt(max_norm)} (limit {EXPLODING_NORM})"
+            ),
+            remedy=(
+                "Clip gradients (max norm ~1), lower the learning rate, check initialisation "
+                "scale (Xavier/Kaiming) and add normalisation layers."
+            ),
+            evidence={"max_ratio": max_ratio, "max_total_norm": max_norm},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def dying_relu(ev: RunEvidence) -> list[Finding]:
+    if not ev.dead_units:
+        return []
+    dead = {k: v for k, v in ev.dead_units.items() if v >= DEAD_RELU}
+    if not dead:
+        return []
+    worst = max(dead, key=lambda k: dead[k])
+    return [
+        Finding(
+            code="dying-relu",
+            severity="warning",
+            title="ReLU units have died",
+            message=(
+                f"{len(dead)} ReLU layer(s) with >= {DEAD_RELU:.0%} units never active; "
+                f"worst {worst}: {dead[worst]:.0%}"
+            ),
+            remedy=(
+                "Lower the learning rate, use Kaiming initialisation with small positive "
+                "biases, LeakyReLU/ELU, or batch norm before the activation."
+            ),
+            evidence={"layers": len(dead), "worst_fraction": dead[worst]},
+            where=f"{ev.where}:{worst}",
+        )
+    ]
+
+
+@rule
+def unused_params(ev: RunEvidence) -> list[Finding]:
+    if not ev.snapshots:
+        return []
+    never = set(ev.snapshots[0].missing)
+    for s in ev.snapshots[1:]:
+        never &= set(s.missing)
+    if not never:
+        return []
+    names = sorted(never)
+    return [
+        Finding(
+            code="unused-params",
+            severity="warning",
+            title="Parameters never receive a gradient",
+            message=(
+                f"{len(names)} parameter(s) require grad but got none in "
+                f"{len(ev.snapshots)} steps: {', '.join(names[:4])}"
+                + (" ..." if len(names) > 4 else "")
+            ),
+            remedy=(
+                "Remove the unused module, or check the forward pass actually uses it "
+                "(a branch never taken, an output never fed to the loss)."
+            ),
+            evidence={"parameters": len(names)},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def loss_plateau(ev: RunEvidence) -> list[Finding]:
+    totals = [r.total for r in ev.records]
+    if len(totals) < 3 or not all(math.isfinite(t) for t in totals):
+        return []
+    first, last = totals[0], totals[-1]
+    if last < first * (1 - PLATEAU_IMPROVEMENT):
+        return []
+    return [
+        Finding(
+            code="loss-plateau",
+            severity="warning",
+            title="Loss is not decreasing",
+            message=(
+                f"total went from {_fmt(first)} to {_fmt(last)} over {len(totals)} epochs "
+                f"(needs a {PLATEAU_IMPROVEMENT:.0%} drop)"
+            ),
+            remedy=(
+                "Raise a too-small learning rate, check that the loss terms have gradients "
+                "(see no-grad-path), and that the optimizer holds the model's parameters."
+            ),
+            evidence={"first": first, "last": last, "epochs": len(totals)},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def loss_oscillation(ev: RunEvidence) -> list[Finding]:
+    """The epoch total jumps back up (by > 5%) again and again instead of settling."""
+    totals = [r.total for r in ev.records]
+    if len(totals) < 5 or not all(math.isfinite(t) for t in totals):
+        return []
+    rises = [b / a - 1 for a, b in zip(totals, totals[1:]) if a > 0 and b > a * (1 + OSC_RISE)]
+    moves = len(totals) - 1
+    if len(rises) < max(2, OSC_RISE_SHARE * moves):
+        return []
+    return [
+        Finding(
+            code="loss-oscillation",
+            severity="warning",
+            title="Loss oscillates",
+            message=(
+                f"the total rose by more than {OSC_RISE:.0%} in {len(rises)} of {moves} "
+                f"epoch-to-epoch moves (largest rise {max(rises):.0%})"
+            ),
+            remedy="Lower the learning rate, increase the batch size, or clip gradients.",
+            evidence={"rises": len(rises), "moves": moves, "max_rise": max(rises)},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def scale_imbalance(ev: RunEvidence) -> list[Finding]:
+    if not ev.records:
+        return []
+    last = ev.records[-1]
+    active = {
+        n: abs(last.weighted[n])
+        for n in ("reconstruction", "kl", "semantic")
+        # a zero-valued term is the zero-loss rule's business, not an imbalance
+        if last.weights.get(n, 0.0) > 0 and math.isfinite(last.raw[n]) and last.raw[n] > 1e-8
+    }
+    if len(active) < 2:
+        return []
+    top = max(active, key=lambda n: active[n])
+    low = min(active, key=lambda n: active[n])
+    ratio = active[top] / active[low]
+    if ratio <= SCALE_IMBALANCE:
+        return []
+    return [
+        Finding(
+            code="scale-imbalance",
+            severity="warning",
+            title=f"{top} outweighs {low} by {_fmt(ratio)}x",
+            message=(
+                f"weighted {top} {_fmt(active[top])} vs weighted {low} {_fmt(active[low])}: "
+                f"{low} is noise in the total"
+            ),
+            remedy=(
+                "Rebalance the weights, and use the same reduction (per-sample mean) for "
+                "every term so the weights mean what they say."
+            ),
+            evidence={"ratio": ratio, "largest": top, "smallest": low},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
+def batch_dependent_weights(ev: RunEvidence) -> list[Finding]:
+    if not ev.records:
+        return []
+    weights = ev.records[-1].weights
+    used = {n: r for n, r in ev.reduction.items() if weights.get(n, 0.0) > 0}
+    if len(set(used.values())) < 2:
+        return []
+    summed = sorted(n for n, r in used.items() if r == "sum")
+    meaned = sorted(n for n, r in used.items() if r == "mean")
+    return [
+        Finding(
+            code="batch-dependent-weights",
+            severity="warning",
+            title="Loss weights depend on the batch size",
+            message=(
+                f"{', '.join(summed)} summed over the batch but {', '.join(meaned)} averaged: "
+                f"at batch {ev.batch_size} the summed terms count {ev.batch_size}x more than "
+                "their weights say"
+            ),
+            remedy="Use one reduction for every term (reduction='mean', per sample).",
+            evidence={"batch_size": ev.batch_size, "summed": len(summed)},
+            where=ev.where,
+        )
+    ]

@@ -11,16 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from meaning_transform.diagnostics.rules import RunEvidence, evaluate
+from meaning_transform.scenarios import Scenario
 from meaning_transform.studies.setup import (
     Dataset,
     ModelFactory,
     build_loss,
     default_model,
+    diagnose_training,
     epoch_row,
     report_epochs,
+    scenario_train_config,
 )
-from meaning_transform.training import TrainConfig, train
+from meaning_transform.training import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -50,45 +52,47 @@ def run_debug_loss(
     every: int = 0,
     model_factory: ModelFactory | None = None,
     on_epoch: Callable[[], None] | None = None,
+    scenario: Scenario | None = None,
 ) -> dict[str, Any]:
     """Train one fresh model per configuration; return the JSON-ready result."""
     shown = report_epochs(train_config.epochs, every)
     runs: list[dict[str, Any]] = []
     findings = []
+    train_config = scenario_train_config(train_config, scenario)
     for cfg in configs:
         model = (
             model_factory(dataset.n_features, train_config.seed)
             if model_factory is not None
-            else default_model(dataset.n_features, train_config.seed, dataset.tensor)
+            else default_model(dataset.n_features, train_config.seed, dataset.tensor, scenario)
         )
-        loss_fn = build_loss(cfg.recon, cfg.kl, cfg.semantic, dataset, reduction)
-        result = train(
+        loss_fn = build_loss(cfg.recon, cfg.kl, cfg.semantic, dataset, reduction, scenario)
+        diagnosed = diagnose_training(
+            cfg.name,
             model,
             loss_fn,
             dataset.tensor,
             train_config,
             on_epoch=(lambda _r: on_epoch()) if on_epoch else None,
         )
+        result, run_findings = diagnosed.result, diagnosed.findings
         epochs = [epoch_row(r) for r in result.records]
-        run_findings = evaluate(
-            RunEvidence(
-                where=cfg.name,
-                records=result.records,
-                reduction=result.reduction,
-                batch_size=result.batch_size,
-            )
-        )
         findings.extend(run_findings)
         last = epochs[-1]
         runs.append(
             {
                 "name": cfg.name,
-                "weights": {**cfg.as_dict(), "semantic": float(loss_fn.semantic_loss_weight)},
+                "weights": {
+                    "reconstruction": float(loss_fn.recon_loss_weight),
+                    "kl": float(loss_fn.kl_loss_weight),
+                    "semantic": float(loss_fn.semantic_loss_weight),
+                },
                 "requested_weights": cfg.as_dict(),
                 "reduction": result.reduction,
                 "epochs": [e for e in epochs if e["epoch"] in shown],
                 "final": last,
                 "first_total": epochs[0]["total"],
+                "attribution": diagnosed.attribution,
+                "latent": diagnosed.latent,
                 "findings": [f.code for f in run_findings],
             }
         )
@@ -97,6 +101,7 @@ def run_debug_loss(
         "data": dataset.describe(),
         "batch_size": result.batch_size,
         "reduction": reduction,
+        "scenario": scenario.name if scenario is not None else "healthy",
         "semantic_applicable": dataset.agent_layout,
         "reported_epochs": shown,
         "runs": runs,

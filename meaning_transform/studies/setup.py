@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,12 @@ import torch
 from torch import nn
 
 from meaning_transform.data import N_FEATURES, generate, load_data
+from meaning_transform.diagnostics.doctor import Doctor
+from meaning_transform.diagnostics.findings import Finding
 from meaning_transform.losses import CombinedLoss
 from meaning_transform.model import MeaningVAE
-from meaning_transform.training import COMPONENTS, EpochRecord
+from meaning_transform.scenarios import SCENARIOS, Scenario
+from meaning_transform.training import COMPONENTS, EpochRecord, TrainConfig, TrainResult, train
 
 DEFAULT_SAMPLES = 512
 ZERO_VALUE = 1e-8  # a component at or below this is "zero-valued" (the original floor)
@@ -51,22 +54,34 @@ class Dataset:
 
 
 def get_data(
-    path: Path | None, kind: str = "agent_states", n: int = DEFAULT_SAMPLES, seed: int = 0
+    path: Path | None,
+    kind: str = "agent_states",
+    n: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    scenario: Scenario | None = None,
 ) -> Dataset:
     """The user's file when given, else ``n`` synthetic samples of ``kind``."""
     if path is not None:
-        return Dataset(load_data(path), source=str(path), kind="file")
-    return Dataset(generate(kind, n, seed=seed), source=f"synthetic:{kind}", kind=kind)
+        data = Dataset(load_data(path), source=str(path), kind="file")
+    else:
+        data = Dataset(generate(kind, n, seed=seed), source=f"synthetic:{kind}", kind=kind)
+    if scenario is not None and scenario.nan_input:
+        data = Dataset(scenario.data(data.tensor), data.source, data.kind)
+    return data
 
 
-def default_model(input_dim: int, seed: int, data: torch.Tensor | None = None) -> MeaningVAE:
+def default_model(
+    input_dim: int,
+    seed: int,
+    data: torch.Tensor | None = None,
+    scenario: Scenario | None = None,
+) -> nn.Module:
     """The built-in VAE. A sigmoid output when every value lies in [0, 1], else linear."""
     in_unit_range = data is not None and bool(((data >= 0) & (data <= 1)).all())
-    return MeaningVAE(
-        input_dim=input_dim,
-        seed=seed,
-        output_activation="sigmoid" if in_unit_range else "none",
-    )
+    activation = "sigmoid" if in_unit_range else "none"
+    if scenario is not None:
+        return scenario.model(input_dim, seed, activation)
+    return MeaningVAE(input_dim=input_dim, seed=seed, output_activation=activation)
 
 
 def build_loss(
@@ -75,21 +90,78 @@ def build_loss(
     semantic: float,
     dataset: Dataset,
     reduction: str = "mean",
+    scenario: Scenario | None = None,
     **kwargs: Any,
-) -> CombinedLoss:
+) -> nn.Module:
     """A CombinedLoss in record mode (a NaN is a finding, not a crash).
 
     The semantic term needs the agent-state layout; on other data it is switched
-    off (weight 0) and the study says so.
+    off (weight 0) and the study says so. A scenario may override any argument.
     """
-    return CombinedLoss(
-        recon_loss_weight=recon,
-        kl_loss_weight=kl,
-        semantic_loss_weight=semantic if dataset.agent_layout else 0.0,
-        reduction=reduction,
-        on_non_finite="record",
+    args: dict[str, Any] = {
+        "recon_loss_weight": recon,
+        "kl_loss_weight": kl,
+        "semantic_loss_weight": semantic if dataset.agent_layout else 0.0,
+        "reduction": reduction,
+        "on_non_finite": "record",
         **kwargs,
+    }
+    if scenario is not None:
+        args.update(scenario.loss_kwargs)
+    loss = CombinedLoss(**args)
+    return scenario.loss(loss) if scenario is not None else loss
+
+
+def scenario_train_config(config: TrainConfig, scenario: Scenario | None) -> TrainConfig:
+    """The scenario's learning rate, if it sets one."""
+    if scenario is None or scenario.lr is None:
+        return config
+    return replace(config, lr=scenario.lr)
+
+
+@dataclass(frozen=True)
+class Diagnosed:
+    """A training run with the Doctor attached: records, findings, attribution summary."""
+
+    result: TrainResult
+    findings: list[Finding]
+    attribution: dict[str, Any]
+    latent: dict[str, Any] | None
+
+
+ATTRIBUTIONS_PER_RUN = 20  # per-term gradients cost one backward per term: sample steps
+
+
+def diagnose_training(
+    where: str,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: torch.Tensor,
+    config: TrainConfig,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    callbacks: tuple[object, ...] = (),
+) -> Diagnosed:
+    """Train with the Doctor attached and return what it found."""
+    n = data.shape[0]
+    batch = n if config.batch_size is None else min(config.batch_size, n)
+    steps = config.epochs * math.ceil(n / batch)
+    doctor = Doctor(model, where=where, attribute_every=max(1, steps // ATTRIBUTIONS_PER_RUN))
+    with doctor:
+        result = train(model, loss_fn, data, config, callbacks=(doctor, *callbacks),
+                       on_epoch=on_epoch)
+    evidence = doctor.evidence(result.records, data=data, batch_size=result.batch_size)
+    from meaning_transform.diagnostics.rules import evaluate
+
+    return Diagnosed(
+        result=result,
+        findings=evaluate(evidence),
+        attribution=doctor.summary(),
+        latent=evidence.latent.as_dict() if evidence.latent is not None else None,
     )
+
+
+def scenario_names() -> tuple[str, ...]:
+    return tuple(SCENARIOS)
 
 
 def component_rows(record: EpochRecord) -> dict[str, dict[str, Any]]:

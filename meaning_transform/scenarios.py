@@ -1,0 +1,216 @@
+"""Fault scenarios: inject one known fault into the built-in setup.
+
+``mtx <command> --scenario NAME`` runs the command on a deliberately broken
+setup so a user can see what each finding looks like (and the tests can prove
+each detector fires on its fault). ``healthy`` is the untouched default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from meaning_transform.model import MeaningVAE, ordered_linear_layers
+
+
+class _Wrapped(nn.Module):
+    """A model whose output dict is post-processed by ``edit(out, x)``."""
+
+    def __init__(self, inner: nn.Module, edit: Callable[[dict, torch.Tensor], dict]) -> None:
+        super().__init__()
+        self.inner = inner
+        self._edit = edit
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._edit(dict(self.inner(x)), x)
+
+
+class _WithUnused(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.unused_head = nn.Linear(inner.latent_dim, inner.latent_dim)  # never called
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.inner(x)
+
+
+class _TargetLeak(nn.Module):
+    """A loss fed the model's own reconstruction as the target (a classic wiring bug)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.endswith("_weight") and "inner" in self._modules:
+            setattr(self._modules["inner"], name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, Any]:
+        return self.inner(out, out["reconstruction"].detach())
+
+
+def _scale_linear(model: nn.Module, factor: float) -> None:
+    with torch.no_grad():
+        for _, layer in ordered_linear_layers(model):
+            layer.weight.mul_(factor)
+
+
+def _dead_biases(model: nn.Module) -> None:
+    with torch.no_grad():
+        for name, layer in ordered_linear_layers(model):
+            if ".layers." in name:
+                layer.bias.fill_(-10.0)
+
+
+def _sqrt_at_zero(out: dict, x: torch.Tensor) -> dict:
+    mu = out["mu"]
+    out["compression_loss"] = torch.sqrt((mu - mu.detach()).abs()).sum()  # value 0, grad NaN
+    return out
+
+
+def _opposing_term(out: dict, x: torch.Tensor) -> dict:
+    out["compression_loss"] = -0.5 * ((out["reconstruction"] - x) ** 2).sum(1).mean()
+    return out
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    finding: str  # the finding code it demonstrates ("" for healthy)
+    description: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # MeaningVAE overrides
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # CombinedLoss overrides
+    lr: float | None = None
+    prepare: Callable[[nn.Module], nn.Module | None] | None = None  # edit/wrap the model
+    wrap_loss: Callable[[nn.Module], nn.Module] | None = None
+    nan_input: bool = False
+
+    def data(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.nan_input:
+            return x
+        x = x.clone()
+        x[5, 2] = float("nan")  # one bad health value
+        return x
+
+    def model(self, input_dim: int, seed: int, output_activation: str) -> nn.Module:
+        kwargs = {"output_activation": output_activation, **self.model_kwargs}
+        model: nn.Module = MeaningVAE(input_dim=input_dim, seed=seed, **kwargs)
+        if self.prepare is not None:
+            model = self.prepare(model) or model
+        return model
+
+    def loss(self, loss: nn.Module) -> nn.Module:
+        return self.wrap_loss(loss) if self.wrap_loss is not None else loss
+
+
+_DEEP = {"use_batch_norm": False, "hidden_dims": (64, 64, 64, 64, 32)}
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("healthy", "", "the built-in setup, untouched"),
+        Scenario(
+            "nan-input", "nonfinite-input", "one NaN in the training data", nan_input=True
+        ),
+        Scenario(
+            "nan-grad",
+            "nonfinite-grad",
+            "a custom term sqrt(|mu - mu|): value 0, derivative infinite",
+            prepare=lambda m: _Wrapped(m, _sqrt_at_zero),
+        ),
+        Scenario(
+            "zero-loss",
+            "zero-loss",
+            "the loss is given the reconstruction itself as the target",
+            wrap_loss=_TargetLeak,
+        ),
+        Scenario(
+            "posterior-collapse",
+            "posterior-collapse",
+            "a KL weight of 30 from the first epoch, no annealing",
+            loss_kwargs={"kl_loss_weight": 30.0},
+            lr=1e-2,
+        ),
+        Scenario(
+            "frozen-noise",
+            "frozen-noise",
+            "the original bug: the noise generator is reseeded on every call",
+            model_kwargs={"noise": "frozen"},
+        ),
+        Scenario(
+            "no-grad-path",
+            "no-grad-path",
+            "the original semantic loss: hard thresholds and argmax (is_alive, role, "
+            "threatened)",
+            loss_kwargs={"semantic_mode": "hard"},
+        ),
+        Scenario(
+            "vanishing-grad",
+            "vanishing-grad",
+            "a deep tanh MLP, no batch norm, weights scaled by 0.05",
+            model_kwargs={**_DEEP, "activation": "tanh"},
+            prepare=lambda m: _scale_linear(m, 0.05),
+        ),
+        Scenario(
+            "exploding-grad",
+            "exploding-grad",
+            "a deep ReLU MLP, no batch norm, weights scaled by 4",
+            model_kwargs=_DEEP,
+            prepare=lambda m: _scale_linear(m, 4.0),
+        ),
+        Scenario(
+            "dying-relu",
+            "dying-relu",
+            "hidden-layer biases set to -10 (no batch norm): most ReLUs never fire",
+            model_kwargs={"use_batch_norm": False},
+            prepare=_dead_biases,
+        ),
+        Scenario(
+            "unused-params",
+            "unused-params",
+            "the model registers a head it never calls",
+            prepare=_WithUnused,
+        ),
+        Scenario("loss-plateau", "loss-plateau", "a learning rate of 1e-7", lr=1e-7),
+        Scenario("loss-oscillation", "loss-oscillation", "a learning rate of 1.0", lr=1.0),
+        Scenario(
+            "imbalance",
+            "scale-imbalance",
+            "a KL weight of 1e-5: KL is noise in the total and its gradient",
+            loss_kwargs={"kl_loss_weight": 1e-5},
+        ),
+        Scenario(
+            "conflict",
+            "grad-conflict",
+            "an extra term that rewards reconstruction error (cos = -1 with it)",
+            prepare=lambda m: _Wrapped(m, _opposing_term),
+        ),
+        Scenario(
+            "legacy-reduction",
+            "batch-dependent-weights",
+            "the original reductions: reconstruction and KL summed, semantic averaged",
+            loss_kwargs={"reduction": "sum", "semantic_reduction": "mean"},
+        ),
+    )
+}
+
+
+def get_scenario(name: str) -> Scenario:
+    if name not in SCENARIOS:
+        raise ValueError(
+            f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}"
+        )
+    return SCENARIOS[name]
