@@ -95,3 +95,38 @@ def check_grads_figure(result: dict[str, Any]) -> Figure:
     ax_steps.legend()
     fig.tight_layout()
     return fig
+
+
+def debug_extended_figure(result: dict[str, Any]) -> Figure:
+    """For the first data kind: KL per latent dim, recon error per feature, annealing curves."""
+    kind = result["kinds"][0]
+    fig, (ax_kl, ax_rec, ax_anneal) = plt.subplots(1, 3, figsize=(15, 4))
+    kl = [v if v is not None else 0.0 for v in kind["kl_per_dim"]]
+    ax_kl.bar(range(len(kl)), kl)
+    ax_kl.axhline(kind["latent_health"]["collapse_threshold"], color="grey", linestyle=":",
+                  label="collapse threshold")
+    ax_kl.set_xticks(range(len(kl)))
+    ax_kl.set_xlabel("latent dimension")
+    ax_kl.set_ylabel("KL (nats, mean over samples)")
+    ax_kl.set_title(f"{kind['kind']}: KL per dimension")
+    ax_kl.legend()
+    names = list(kind["recon_per_feature"])
+    errors = [v if v is not None else 0.0 for v in kind["recon_per_feature"].values()]
+    ax_rec.bar(range(len(names)), errors)
+    ax_rec.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax_rec.set_ylabel("squared error (mean over samples)")
+    ax_rec.set_title("reconstruction error per feature")
+    epochs = kind["annealing"]["epochs"]
+    xs = [e["epoch"] for e in epochs]
+    for key in ("reconstruction", "kl", "total"):
+        ax_anneal.plot(xs, [e[key] for e in epochs], marker="o", label=key)
+    ax_anneal.set_xlabel("epoch")
+    ax_anneal.set_ylabel(f"loss ({result.get('reduction', 'mean')})")
+    ax_beta = ax_anneal.twinx()
+    ax_beta.plot(xs, [e["beta"] for e in epochs], color="black", linestyle="--", label="β")
+    ax_beta.set_ylabel("β")
+    ax_anneal.legend(loc="upper left")
+    ax_beta.legend(loc="upper right")
+    ax_anneal.set_title(f"{kind['annealing']['schedule']} β annealing")
+    fig.tight_layout()
+    return fig

@@ -89,7 +89,7 @@ def _opposing_term(out: dict, x: torch.Tensor) -> dict:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    finding: str  # the finding code it demonstrates ("" for healthy)
+    findings: tuple[str, ...]  # the finding codes it demonstrates (none for healthy)
     description: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # MeaningVAE overrides
     loss_kwargs: dict[str, Any] = field(default_factory=dict)  # CombinedLoss overrides
@@ -121,86 +121,88 @@ _DEEP = {"use_batch_norm": False, "hidden_dims": (64, 64, 64, 64, 32)}
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("healthy", "", "the built-in setup, untouched"),
+        Scenario("healthy", (), "the built-in setup, untouched"),
         Scenario(
-            "nan-input", "nonfinite-input", "one NaN in the training data", nan_input=True
+            "nan-input",
+            ("nonfinite-input", "nonfinite-loss"),
+            "one NaN in the training data",
+            nan_input=True,
         ),
         Scenario(
             "nan-grad",
-            "nonfinite-grad",
+            ("nonfinite-grad",),
             "a custom term sqrt(|mu - mu|): value 0, derivative infinite",
             prepare=lambda m: _Wrapped(m, _sqrt_at_zero),
         ),
         Scenario(
             "zero-loss",
-            "zero-loss",
+            ("zero-loss",),
             "the loss is given the reconstruction itself as the target",
             wrap_loss=_TargetLeak,
         ),
         Scenario(
             "posterior-collapse",
-            "posterior-collapse",
+            ("posterior-collapse",),
             "a KL weight of 30 from the first epoch, no annealing",
             loss_kwargs={"kl_loss_weight": 30.0},
             lr=1e-2,
         ),
         Scenario(
             "frozen-noise",
-            "frozen-noise",
+            ("frozen-noise",),
             "the original bug: the noise generator is reseeded on every call",
             model_kwargs={"noise": "frozen"},
         ),
         Scenario(
             "no-grad-path",
-            "no-grad-path",
-            "the original semantic loss: hard thresholds and argmax (is_alive, role, "
-            "threatened)",
+            ("no-grad-path",),
+            "the original semantic loss: hard thresholds and argmax (is_alive, role, threatened)",
             loss_kwargs={"semantic_mode": "hard"},
         ),
         Scenario(
             "vanishing-grad",
-            "vanishing-grad",
+            ("vanishing-grad",),
             "a deep tanh MLP, no batch norm, weights scaled by 0.05",
             model_kwargs={**_DEEP, "activation": "tanh"},
             prepare=lambda m: _scale_linear(m, 0.05),
         ),
         Scenario(
             "exploding-grad",
-            "exploding-grad",
+            ("exploding-grad",),
             "a deep ReLU MLP, no batch norm, weights scaled by 4",
             model_kwargs=_DEEP,
             prepare=lambda m: _scale_linear(m, 4.0),
         ),
         Scenario(
             "dying-relu",
-            "dying-relu",
+            ("dying-relu",),
             "hidden-layer biases set to -10 (no batch norm): most ReLUs never fire",
             model_kwargs={"use_batch_norm": False},
             prepare=_dead_biases,
         ),
         Scenario(
             "unused-params",
-            "unused-params",
+            ("unused-params",),
             "the model registers a head it never calls",
             prepare=_WithUnused,
         ),
-        Scenario("loss-plateau", "loss-plateau", "a learning rate of 1e-7", lr=1e-7),
-        Scenario("loss-oscillation", "loss-oscillation", "a learning rate of 1.0", lr=1.0),
+        Scenario("loss-plateau", ("loss-plateau",), "a learning rate of 1e-7", lr=1e-7),
+        Scenario("loss-oscillation", ("loss-oscillation",), "a learning rate of 1.0", lr=1.0),
         Scenario(
             "imbalance",
-            "scale-imbalance",
+            ("scale-imbalance", "grad-dominance"),
             "a KL weight of 1e-5: KL is noise in the total and its gradient",
             loss_kwargs={"kl_loss_weight": 1e-5},
         ),
         Scenario(
             "conflict",
-            "grad-conflict",
+            ("grad-conflict",),
             "an extra term that rewards reconstruction error (cos = -1 with it)",
             prepare=lambda m: _Wrapped(m, _opposing_term),
         ),
         Scenario(
             "legacy-reduction",
-            "batch-dependent-weights",
+            ("batch-dependent-weights",),
             "the original reductions: reconstruction and KL summed, semantic averaged",
             loss_kwargs={"reduction": "sum", "semantic_reduction": "mean"},
         ),
@@ -210,7 +212,5 @@ SCENARIOS: dict[str, Scenario] = {
 
 def get_scenario(name: str) -> Scenario:
     if name not in SCENARIOS:
-        raise ValueError(
-            f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}"
-        )
+        raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")
     return SCENARIOS[name]

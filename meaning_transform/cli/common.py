@@ -255,3 +255,50 @@ def _version() -> str:
     from meaning_transform import __version__
 
     return __version__
+
+
+ModelSpec = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Your VAE: FILE.py:build or package.module:build; build() returns an nn.Module "
+        "whose forward(x) gives reconstruction, mu, log_var.",
+        show_default=False,
+    ),
+]
+ScenarioName = Annotated[
+    str,
+    typer.Option(
+        "--scenario",
+        help="Inject a known fault into the built-in setup to see its finding, e.g. "
+        "frozen-noise, no-grad-path, posterior-collapse (all listed in the README).",
+    ),
+]
+
+
+def model_and_scenario(model_spec: str | None, scenario_name: str) -> tuple[Any, Any]:
+    """Resolve --model and --scenario (before any training) into (factory, scenario)."""
+    from meaning_transform.scenarios import SCENARIOS
+
+    if scenario_name not in SCENARIOS:
+        raise UsageProblem(
+            f"--scenario must be one of {'|'.join(SCENARIOS)}, got {scenario_name!r}"
+        )
+    scenario = None if scenario_name == "healthy" else SCENARIOS[scenario_name]
+    if model_spec is None:
+        return None, scenario
+    if scenario is not None:
+        raise UsageProblem("--scenario injects faults into the built-in model; drop --model")
+    from meaning_transform.user_model import load_model_factory
+
+    return load_model_factory(model_spec), None
+
+
+def checked_factory(factory: Any, dataset: Any, seed: int, spec: str | None) -> Any:
+    """Build the user's model once on the data and check its output contract."""
+    if factory is None:
+        return None
+    from meaning_transform.user_model import check_model
+
+    check_model(factory(dataset.n_features, seed), dataset.tensor, spec or "--model")
+    return factory

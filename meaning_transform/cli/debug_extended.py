@@ -1,8 +1,123 @@
-"""Placeholder until this command lands."""
+"""``mtx debug-extended``: the deep look at one model per data kind."""
 
 from __future__ import annotations
 
+from typing import Annotated
 
-def debug_extended() -> None:
-    """Not built yet."""
-    raise SystemExit("not built yet")
+import typer
+
+from meaning_transform.cli import common
+from meaning_transform.cli.common import (
+    BatchSize,
+    DataPath,
+    Device,
+    Epochs,
+    FailOn,
+    Force,
+    Json,
+    Lr,
+    Plot,
+    Seed,
+)
+
+# Kept here as well as in data.DATA_KINDS so that --help never imports torch.
+DATA_KIND_CHOICES: tuple[str, ...] = (
+    "all", "agent_states", "normal", "uniform", "binary", "one_hot"
+)
+
+
+def debug_extended(
+    data_kind: Annotated[
+        str,
+        typer.Option(
+            "--data-kind",
+            help="all|agent_states|normal|uniform|binary|one_hot (synthetic data only).",
+        ),
+    ] = "all",
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            "--samples", help="Synthetic samples per data kind, at least 2 (default 256)."
+        ),
+    ] = None,
+    reduction: Annotated[
+        str, typer.Option("--reduction", help="mean (per sample) | sum (over the batch).")
+    ] = "mean",
+    seed: Seed = 0,
+    device: Device = "auto",
+    epochs: Epochs = 5,
+    batch_size: BatchSize = 128,
+    lr: Lr = 1e-3,
+    data: DataPath = None,
+    json: Json = False,
+    plot: Plot = None,
+    fail_on: FailOn = "error",
+    force: Force = False,
+) -> None:
+    """The deep look: inspect, probe and briefly train a VAE per data kind.
+
+    Per kind (agent_states, normal, uniform, binary, one_hot; --data-kind picks
+    one), each step from a fresh model at the same seed: parameter statistics of
+    the untrained model, flagging only NaN/Inf, all-identical weight matrices and
+    magnitudes above 1e3 (zero biases and batch-norm ones are how layers start);
+    an untrained pass in train and in eval mode, and why they differ; a short
+    training run with gradient statistics captured by hooks; then, on the trained
+    model, the KL term by term (1, log_var, -mu², -exp(log_var)), the KL per
+    latent dimension with active units and free bits, and the reconstruction
+    error per feature; and a short linear-β annealing run. The semantic term is
+    on for agent states only.
+
+    With --data FILE the file is the one kind: leave --data-kind and --samples
+    out.
+
+    Example: mtx debug-extended --data-kind normal --epochs 3 --json
+    """
+    opts = common.CommonOptions(
+        seed, device, epochs, batch_size, lr, data, json, plot, fail_on, force
+    )
+    with common.user_errors_exit():
+        opts.validate()
+        common.choice("--data-kind", data_kind, DATA_KIND_CHOICES)
+        common.choice("--reduction", reduction, ("mean", "sum"))
+        if samples is not None and samples < 2:
+            raise common.UsageProblem(f"--samples must be at least 2, got {samples}")
+        if data is not None and data_kind != "all":
+            raise common.UsageProblem(
+                f"--data-kind {data_kind} cannot be used with --data: the file is the data"
+            )
+        if data is not None and samples is not None:
+            raise common.UsageProblem("--samples cannot be used with --data: the file is the data")
+
+        from meaning_transform.studies.debug_extended import (
+            extended_datasets,
+            run_debug_extended,
+        )
+
+        sizes = {} if samples is None else {"n": samples}
+        datasets = extended_datasets(data_kind, data, seed=seed, **sizes)
+        n = int(datasets[0].tensor.shape[0])
+        if n < 2:
+            raise common.UsageProblem(f"the data has {n} sample(s); need at least 2")
+        if batch_size and n > batch_size and n % batch_size == 1:
+            raise common.UsageProblem(
+                f"--batch-size {batch_size} leaves a last batch of 1 of {n} samples; "
+                "batch norm needs at least 2: choose another --batch-size (0 = full batch)"
+            )
+        train_config = common.train_config(opts)
+        total = 2 * epochs * len(datasets)  # main run + annealing run per kind
+        with common.progress("debugging", total=total, enabled=not json) as tick:
+            result = run_debug_extended(
+                datasets, train_config, reduction=reduction, on_epoch=tick
+            )
+        result["config"] = {
+            **opts.config(),
+            "data_kind": "file" if data is not None else data_kind,
+            "samples": n,
+            "reduction": reduction,
+        }
+        if plot is not None:
+            from meaning_transform.plots import debug_extended_figure
+
+            common.save_plot(plot, debug_extended_figure, result)
+            result["plot"] = str(plot)
+    common.finish(result, opts)

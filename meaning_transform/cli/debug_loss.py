@@ -16,7 +16,9 @@ from meaning_transform.cli.common import (
     Force,
     Json,
     Lr,
+    ModelSpec,
     Plot,
+    ScenarioName,
     Seed,
 )
 
@@ -37,6 +39,8 @@ def debug_loss(
     every: Annotated[
         int, typer.Option("--every", help="A table every K epochs (0 = about five tables).")
     ] = 0,
+    model: ModelSpec = None,
+    scenario: ScenarioName = "healthy",
     seed: Seed = 0,
     device: Device = "auto",
     epochs: Epochs = 10,
@@ -87,7 +91,9 @@ def debug_loss(
                     base.semantic if semantic_weight is None else semantic_weight,
                 ),
             )
-        dataset = get_data(data, seed=seed)
+        factory, fault = common.model_and_scenario(model, scenario)
+        dataset = get_data(data, seed=seed, scenario=fault)
+        factory = common.checked_factory(factory, dataset, seed, model)
         if semantic_weight and not dataset.agent_layout:
             raise common.UsageProblem(
                 f"--semantic-weight needs the agent-state layout (10 features per row), "
@@ -96,9 +102,17 @@ def debug_loss(
         train_config = common.train_config(opts)
         with common.progress("training", total=epochs * len(configs), enabled=not json) as tick:
             result = run_debug_loss(
-                configs, dataset, train_config, reduction=reduction, every=every, on_epoch=tick
+                configs,
+                dataset,
+                train_config,
+                reduction=reduction,
+                every=every,
+                on_epoch=tick,
+                model_factory=factory,
+                scenario=fault,
             )
-        result["config"] = {**opts.config(), "reduction": reduction}
+        result["config"] = {**opts.config(), "reduction": reduction, "model": model,
+                            "scenario": scenario}
         if plot is not None:
             from meaning_transform.plots import debug_loss_figure
 

@@ -292,6 +292,10 @@ def render_check_grads(result: dict[str, Any]) -> None:
             str(s["non_finite"]),
         )
     out.print(t)
+    if not result["parameters"]:
+        out.print("[bold red]no step produced gradients: every loss was NaN/Inf[/]")
+        render_findings(result["findings"])
+        return
     th = result["thresholds"]
     t = table(
         f"Parameters at step {result['last_step']}",
@@ -343,4 +347,169 @@ def render_check_grads(result: dict[str, Any]) -> None:
         out.print(f"[bold red]never received a gradient:[/] {', '.join(never)}")
     else:
         out.print("every parameter that requires a gradient received one")
+    render_findings(result["findings"])
+
+
+# ---- debug-extended ------------------------------------------------------------------
+
+_DX_MAX_ROWS = 24  # longer per-feature / per-parameter lists are cut, the JSON has them all
+_DX_KL_FORMULAS = {
+    "one": "1",
+    "log_var": "log σ²",
+    "neg_mu_sq": "−μ²",
+    "neg_exp_log_var": "−exp(log σ²)",
+}
+
+
+def _dx_table(title: str, columns: list[str], caption: str | None = None) -> Table:
+    t = table(title, columns, caption)
+    t.min_width = 72  # narrow tables would otherwise wrap their title and caption
+    return t
+
+
+def _dx_cut(items: list[Any]) -> tuple[list[Any], str]:
+    if len(items) <= _DX_MAX_ROWS:
+        return items, ""
+    return items[:_DX_MAX_ROWS], f"; {len(items) - _DX_MAX_ROWS} more rows in --json"
+
+
+def _dx_parameters(kind: dict[str, Any]) -> Table:
+    rows, more = _dx_cut(list(kind["parameters"].items()))
+    flagged = sum(1 for _, p in kind["parameters"].items() if p["flags"])
+    caption = (
+        f"{flagged} parameter(s) flagged" if flagged else "no parameter flagged"
+    ) + " (zero biases and batch-norm ones are how layers start, not faults)" + more
+    t = _dx_table("parameters of the untrained model",
+              ["parameter", "role", "shape", "mean", "std", "min", "max", "NaN", "Inf", "flags"],
+              caption)
+    for name, p in rows:
+        t.add_row(name, p["role"], "×".join(str(s) for s in p["shape"]), num(p["mean"]),
+                  num(p["std"]), num(p["min"]), num(p["max"]), num(p["nan"]), num(p["inf"]),
+                  flags_text(p["flags"]))
+    return t
+
+
+def _dx_untrained(kind: dict[str, Any]) -> Table:
+    u = kind["untrained_pass"]
+    diff = u["differences"]
+    t = _dx_table(f"untrained pass, no update ({u['n_samples']} samples)",
+              ["quantity", "train mode", "eval mode", "train − eval"], u["why"])
+    for key in ("reconstruction", "mu", "log_var", "z"):
+        if key not in u["train"]:
+            continue
+        tr, ev = u["train"][key], u["eval"][key]
+        t.add_row(f"{key} mean ± std", f"{num(tr['mean'])} ± {num(tr['std'])}",
+                  f"{num(ev['mean'])} ± {num(ev['std'])}",
+                  f"max |Δ| {num(diff['max_abs'].get(key))}")
+    for name, value in u["train"]["loss"].items():
+        t.add_row(f"loss: {name}", num(value), num(u["eval"]["loss"][name]),
+                  num(diff["loss"][name]))
+    return t
+
+
+def _dx_kl_terms(kind: dict[str, Any]) -> Table:
+    terms = kind["kl_terms"]
+    check = terms["sum_check"]
+    caption = (
+        f"KL per sample = −½ Σ_z (sum of the four) = {num(check['kl_per_sample_mean_from_terms'])}"
+        f"; loss library {num(check['kl_per_sample_mean'])}; |Δ| {num(check['abs_difference'])}"
+    )
+    t = _dx_table("KL term by term, over samples × latents",
+              ["term", "formula", "mean", "std", "min", "max"], caption)
+    for name, formula in _DX_KL_FORMULAS.items():
+        s = terms[name]
+        t.add_row(name, formula, num(s["mean"]), num(s["std"]), num(s["min"]), num(s["max"]))
+    return t
+
+
+def _dx_latent(kind: dict[str, Any]) -> Table:
+    h = kind["latent_health"]
+    collapsed = set(h["collapsed_dims"])
+    caption = (
+        f"active units {h['active_units']}/{h['latent_dim']} (Var μ > {h['active_threshold']:g})"
+        f"; KL total {num(h['kl_total'])} nats; free bits (λ = {h['free_bits_lambda']:g}) "
+        f"{num(h['free_bits'])}" + ("; [bold red]posterior collapsed[/]" if h["collapsed"] else "")
+    )
+    t = _dx_table("KL per latent dimension",
+              ["dim", "KL (nats)", "Var μ", "active", "collapsed"], caption)
+    for j, value in enumerate(kind["kl_per_dim"]):
+        t.add_row(str(j), num(value), num(h["activity"][j]), num(h["active"][j]),
+                  Text("yes", style="yellow") if j in collapsed else "no")
+    return t
+
+
+def _dx_recon(kind: dict[str, Any]) -> Table:
+    rows, more = _dx_cut(list(kind["recon_per_feature"].items()))
+    t = _dx_table("reconstruction error per feature (squared error, mean)",
+              ["feature", "error"], more.lstrip("; ") or None)
+    for name, value in rows:
+        t.add_row(name, num(value))
+    return t
+
+
+def _dx_gradients(kind: dict[str, Any]) -> Table:
+    g = kind["gradients"]
+    rows, more = _dx_cut(list(g["parameters"].items()))
+    caption = (
+        f"{g['captured_steps']} of {g['training_steps']} training steps captured by "
+        f"{g['hooks_registered']} hooks; final total norm {num(g['final_total_norm'])}; "
+        f"first/last layer ratio {num(g['final_first_last_ratio'])}"
+    )
+    if g["never_reached"]:
+        caption += f"; never reached: {', '.join(g['never_reached'])}"
+    centred = set(g.get("batch_norm_centred", ()))
+    if centred:
+        caption += "; bn: the bias feeds batch norm, so its gradient is ~0 by design"
+    t = _dx_table("gradient norms during training (hooks)",
+              ["parameter", "mean ‖g‖", "max ‖g‖", "final ‖g‖", ""], caption + more)
+    for name, s in rows:
+        t.add_row(name, num(s["mean_norm"]), num(s["max_norm"]), num(s["final_norm"]),
+                  Text("bn", style="dim") if name in centred else "")
+    return t
+
+
+def _dx_training(kind: dict[str, Any]) -> Table:
+    red = kind["reduction"]
+    t = _dx_table(f"training (reduction {red.get('reconstruction', '—')})",
+              ["epoch", "β", "reconstruction", "KL", "semantic", "total", "grad norm", "flags"])
+    for e in kind["records"]:
+        comps = e["components"]
+        flags = [f"{n}:{f}" for n, c in comps.items() for f in c["flags"] if f != "off"]
+        flags += [f"total:{f}" for f in e["total_flags"]]
+        t.add_row(str(e["epoch"]), num(e["beta"]), num(comps["reconstruction"]["raw"]),
+                  num(comps["kl"]["raw"]),
+                  num(comps["semantic"]["raw"]) if "off" not in comps["semantic"]["flags"]
+                  else Text("off", style="dim"),
+                  num(e["total"]), num(e["grad_norm"]), flags_text(flags))
+    return t
+
+
+def _dx_annealing(kind: dict[str, Any]) -> Table:
+    a = kind["annealing"]
+    t = _dx_table(f"{a['schedule']} β annealing {a['min_beta']:g} → {a['max_beta']:g}, "
+                  "fresh model",
+              ["epoch", "β", "reconstruction", "KL", "total"])
+    for e in a["epochs"]:
+        t.add_row(str(e["epoch"]), num(e["beta"]), num(e["reconstruction"]), num(e["kl"]),
+                  num(e["total"]))
+    return t
+
+
+@renderer("debug-extended")
+def render_debug_extended(result: dict[str, Any]) -> None:
+    render_header(result)
+    for kind in result["kinds"]:
+        data = kind["data"]
+        w = kind["weights"]
+        out.rule(
+            f"{kind['kind']}: {data['source']} ({data['n_samples']}×{data['n_features']}), "
+            f"output {kind.get('output_activation') or '?'}, weights r/kl/s "
+            f"{w['reconstruction']:g}/{w['kl']:g}/{w['semantic']:g}"
+            + ("" if kind["agent_layout"] else " (semantic off: not agent states)")
+        )
+        for draw in (_dx_parameters, _dx_untrained, _dx_training, _dx_gradients,
+                     _dx_kl_terms, _dx_latent, _dx_recon, _dx_annealing):
+            out.print(draw(kind))
+        out.print(f"[dim]{kind['measured_on']}[/]")
+        out.print(f"findings: {', '.join(kind['findings']) or 'none'}")
     render_findings(result["findings"])

@@ -134,6 +134,7 @@ VANISHING_RATIO = 1e-3  # AUTOTRAINER: |g_first| / |g_last| below this ...
 VANISHING_FIRST = 1e-4  # ... with |g_first| below this
 EXPLODING_RATIO = 70.0  # AUTOTRAINER: |g_first| / |g_last| above this
 EXPLODING_NORM = 1e3  # total norm above this (no literature value; see README)
+COLLAPSE_MIN_STEPS = 20  # optimizer steps before collapse can be told from a fresh encoder
 DEAD_RELU = 0.7  # fraction of a layer's units never active
 DOMINANCE = 100.0  # one term's weighted gradient norm over another's
 NO_GRAD_RELATIVE = 1e-8  # a term's gradient norm relative to its value: "none"
@@ -194,8 +195,18 @@ def nonfinite_input(ev: RunEvidence) -> list[Finding]:
 
 @rule
 def posterior_collapse(ev: RunEvidence) -> list[Finding]:
+    """Collapsed latents after real training, with KL not growing.
+
+    At initialisation the encoder means barely vary (no unit is "active" yet), so
+    the rule waits for COLLAPSE_MIN_STEPS steps and asks that KL has not risen
+    since the first epoch: collapse is where training went, not where it started.
+    """
     lat = ev.latent
     if lat is None or lat.non_finite or not lat.collapsed:
+        return []
+    steps = sum(r.steps for r in ev.records)
+    kl = [r.raw["kl"] for r in ev.records]
+    if steps < COLLAPSE_MIN_STEPS or not kl or kl[-1] > kl[0]:
         return []
     return [
         Finding(

@@ -236,18 +236,23 @@ def untrained_pass(model: nn.Module, loss_fn: nn.Module, x: Tensor) -> dict[str,
         passes["train"] = _pass_summary(outputs["train"], loss_fn(outputs["train"], x))
     train_out, eval_out = outputs["train"], outputs["eval"]
     differences = {
-        f"{key}_max_abs": _max_abs_difference(train_out[key], eval_out[key])
-        for key in ("reconstruction", "mu", "log_var", "z")
-        if key in train_out and key in eval_out
+        "max_abs": {
+            key: _max_abs_difference(train_out[key], eval_out[key])
+            for key in ("reconstruction", "mu", "log_var", "z")
+            if key in train_out and key in eval_out
+        },
+        "loss": {
+            name: passes["train"]["loss"][name] - passes["eval"]["loss"][name]
+            for name in passes["train"]["loss"]
+        },
     }
-    differences["total_loss"] = passes["train"]["loss"]["total"] - passes["eval"]["loss"]["total"]
     samples_noise = "z" in train_out and _max_abs_difference(train_out["z"], train_out["mu"]) > 0
     return {
         "n_samples": int(x.shape[0]),
         "train": passes["train"],
         "eval": passes["eval"],
         "differences": differences,
-        "differ": any(v != 0 for k, v in differences.items() if k.endswith("_max_abs")),
+        "differ": any(v != 0 for v in differences["max_abs"].values()),
         "why": _why_modes_differ(model, samples_noise),
     }
 
@@ -292,8 +297,33 @@ def _eval_outputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------- gradients
 
 
+def biases_before_batch_norm(model: nn.Module) -> list[str]:
+    """Biases of layers whose output goes straight into batch norm.
+
+    Batch norm subtracts the batch mean, so such a bias has no effect on the output
+    and its gradient is zero up to rounding (~1e-8): by design, not a vanishing
+    gradient. Found structurally: a layer followed by a ``_BatchNorm`` in the same
+    ``nn.Sequential``.
+    """
+    names = []
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (name, layer), (_, following) in zip(children, children[1:]):
+            bias = getattr(layer, "bias", None)
+            if isinstance(bias, nn.Parameter) and isinstance(
+                following, nn.modules.batchnorm._BatchNorm
+            ):
+                names.append(f"{seq_name}.{name}.bias" if seq_name else f"{name}.bias")
+    return names
+
+
 def gradient_summary(
-    history: list[GradientSnapshot], hooks_registered: int, training_steps: int
+    history: list[GradientSnapshot],
+    hooks_registered: int,
+    training_steps: int,
+    batch_norm_centred: list[str] | None = None,
 ) -> dict[str, Any]:
     """Per parameter: mean and max over captured steps of the gradient 2-norm."""
     norms: dict[str, list[float]] = {}
@@ -310,6 +340,7 @@ def gradient_summary(
         "final_total_norm": final.total_norm if final else None,
         "final_first_last_ratio": final.first_last_ratio if final else None,
         "never_reached": sorted(name for name, values in norms.items() if not values),
+        "batch_norm_centred": list(batch_norm_centred or []),
         "parameters": {
             name: {
                 "mean_norm": sum(values) / len(values) if values else None,
@@ -360,7 +391,9 @@ def run_kind(
         hooks_registered = len(hooks.handles)
         result = train(model, loss_fn, x, train_config, on_epoch=tick)
     history = hooks.history
-    gradients = gradient_summary(history, hooks_registered, result.steps)
+    gradients = gradient_summary(
+        history, hooks_registered, result.steps, biases_before_batch_norm(model)
+    )
 
     # 4. The trained model in eval mode (z = mu), all samples.
     out = _eval_outputs(model, x)

@@ -1,0 +1,280 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from meaning_transform.cli import app
+from meaning_transform.model import MeaningVAE
+
+AGENT_NAMES = [
+    "x", "y", "health", "has_target", "energy", "role_0", "role_1", "role_2", "role_3", "role_4"
+]
+SECTIONS = {
+    "parameters", "untrained_pass", "kl_terms", "kl_per_dim", "latent_health",
+    "recon_per_feature", "gradients", "annealing", "records", "findings",
+}
+
+
+def _json(*args: str) -> dict:
+    import json
+
+    result = CliRunner().invoke(app, ["debug-extended", "--json", *args])
+    assert result.exit_code in (0, 1), (result.exit_code, result.stderr)
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def all_kinds() -> dict:
+    """One small run over every kind, shared by the tests that only read it."""
+    return _json("--epochs", "1", "--batch-size", "0", "--samples", "64")
+
+
+@pytest.fixture(scope="module")
+def normal() -> dict:
+    """Normal data, 2 epochs of 3 steps (256 samples, batch 100: 100 + 100 + 56)."""
+    return _json("--data-kind", "normal", "--epochs", "2", "--batch-size", "100")
+
+
+def test_all_kinds_appear_with_every_section(all_kinds):
+    assert all_kinds["command"] == "debug-extended"
+    assert [k["kind"] for k in all_kinds["kinds"]] == [
+        "agent_states", "normal", "uniform", "binary", "one_hot"
+    ]
+    for kind in all_kinds["kinds"]:
+        assert SECTIONS <= set(kind), kind["kind"]
+        assert kind["data"]["n_samples"] == 64
+        # The semantic term is on for agent states only, though every kind has 10 features.
+        assert (kind["weights"]["semantic"] > 0) == (kind["kind"] == "agent_states")
+        # Linear output for real-valued data, sigmoid for data in [0, 1].
+        assert kind["output_activation"] == ("none" if kind["kind"] == "normal" else "sigmoid")
+    assert {f["where"].split(":")[0] for f in all_kinds["findings"]} <= {
+        k["kind"] for k in all_kinds["kinds"]
+    }
+    assert all_kinds["exit_code"] == int(
+        any(f["severity"] == "error" for f in all_kinds["findings"])
+    )
+
+
+def test_healthy_default_has_no_parameter_flagged(all_kinds):
+    for kind in all_kinds["kinds"]:
+        params = kind["parameters"]
+        assert len(params) == 22
+        assert {name: p["flags"] for name, p in params.items() if p["flags"]} == {}
+        # The original's false alarms are present in the model and still not flagged:
+        # batch-norm shifts start at exactly zero (std 0) and scales at exactly one.
+        shift = params["encoder.layers.0.norm.bias"]
+        scale = params["encoder.layers.0.norm.weight"]
+        assert shift["role"] == "norm_bias" and shift["max"] == shift["min"] == 0.0
+        assert scale["role"] == "norm_weight" and scale["std"] == 0.0 and scale["mean"] == 1.0
+        assert params["decoder.fc_out.weight"]["shape"] == [10, 64]
+
+
+def test_kl_terms_add_up_to_the_kl_per_dimension(normal):
+    kind = normal["kinds"][0]
+    latent_dim = kind["latent_health"]["latent_dim"]
+    assert latent_dim == 4
+    assert len(kind["kl_per_dim"]) == latent_dim
+    terms = kind["kl_terms"]
+    assert terms["one"] == {"mean": 1.0, "std": 0.0, "min": 1.0, "max": 1.0}
+    # Term means are over samples × latents: KL per sample = -0.5 * Z * (sum of the means).
+    from_terms = -0.5 * latent_dim * sum(
+        terms[t]["mean"] for t in ("one", "log_var", "neg_mu_sq", "neg_exp_log_var")
+    )
+    assert from_terms == pytest.approx(sum(kind["kl_per_dim"]), rel=1e-5)
+    assert terms["sum_check"]["kl_per_sample_mean"] == pytest.approx(from_terms, rel=1e-5)
+    assert terms["neg_mu_sq"]["max"] <= 0.0 and terms["neg_exp_log_var"]["max"] < 0.0
+    health = kind["latent_health"]
+    assert health["kl_total"] == pytest.approx(sum(kind["kl_per_dim"]), rel=1e-9)
+    assert health["active_units"] == sum(health["active"])
+    assert health["free_bits"] == pytest.approx(
+        sum(max(health["free_bits_lambda"], v) for v in kind["kl_per_dim"])
+    )
+
+
+def test_gradient_hooks_capture_every_training_step(normal):
+    kind = normal["kinds"][0]
+    grads = kind["gradients"]
+    assert grads["training_steps"] == 2 * 3
+    assert grads["captured_steps"] == grads["training_steps"]
+    assert grads["hooks_registered"] == len(kind["parameters"]) == len(grads["parameters"])
+    assert sum(r["steps"] for r in kind["records"]) == grads["training_steps"]
+    for name, stats in grads["parameters"].items():
+        assert 0 <= stats["mean_norm"] <= stats["max_norm"], name
+    # Biases feeding batch norm get a ~0 gradient by design, and are marked as such.
+    assert grads["batch_norm_centred"] == [
+        "encoder.layers.0.linear.bias", "encoder.layers.1.linear.bias",
+        "decoder.layers.0.linear.bias", "decoder.layers.1.linear.bias",
+    ]
+    assert grads["parameters"]["encoder.layers.0.linear.bias"]["max_norm"] < 1e-5
+    assert grads["parameters"]["decoder.fc_out.weight"]["mean_norm"] > 1e-3
+
+
+def test_final_total_norm_is_what_clip_grad_norm_returned():
+    out = _json("--data-kind", "uniform", "--epochs", "2", "--batch-size", "0", "--samples", "64")
+    kind = out["kinds"][0]
+    assert kind["records"][-1]["steps"] == 1  # full batch: the last epoch is the final step
+    assert kind["gradients"]["final_total_norm"] == pytest.approx(
+        kind["records"][-1]["grad_norm"], rel=1e-5
+    )
+
+
+def test_untrained_train_and_eval_passes_differ_and_say_why(normal):
+    u = normal["kinds"][0]["untrained_pass"]
+    assert u["differ"] is True
+    assert u["differences"]["max_abs"]["reconstruction"] > 0
+    assert u["differences"]["max_abs"]["z"] > 0
+    # Eval mode uses z = mu, train mode samples around it.
+    assert u["eval"]["z"] == u["eval"]["mu"]
+    assert u["train"]["z"]["std"] > u["train"]["mu"]["std"]
+    assert u["differences"]["loss"]["kl"] == pytest.approx(
+        u["train"]["loss"]["kl"] - u["eval"]["loss"]["kl"]
+    )
+    assert "z = mu" in u["why"] and "batch norm" in u["why"]
+
+
+def test_records_and_annealing(normal):
+    kind = normal["kinds"][0]
+    assert [r["epoch"] for r in kind["records"]] == [0, 1]
+    assert {r["beta"] for r in kind["records"]} == {0.1}
+    assert "off" in kind["records"][0]["components"]["semantic"]["flags"]
+    anneal = kind["annealing"]
+    assert anneal["schedule"] == "linear"
+    assert [e["beta"] for e in anneal["epochs"]] == [0.0, 1.0]
+    first = anneal["epochs"][0]
+    assert first["total"] == pytest.approx(first["reconstruction"])  # β = 0: no KL in it
+
+
+def test_feature_names_follow_the_agent_state_layout(all_kinds, mtx, tmp_path):
+    by_kind = {k["kind"]: k for k in all_kinds["kinds"]}
+    assert list(by_kind["agent_states"]["recon_per_feature"]) == AGENT_NAMES
+    # 10 features, but not agent states: generic names.
+    assert list(by_kind["normal"]["recon_per_feature"]) == [f"f{i}" for i in range(10)]
+    path = tmp_path / "seven.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(40, 7)))
+    out = mtx("debug-extended", "--json", "--epochs", "1", "--data", str(path)).json
+    (kind,) = out["kinds"]
+    assert kind["kind"] == "file" and out["data"]["source"] == str(path)
+    assert list(kind["recon_per_feature"]) == [f"f{i}" for i in range(7)]
+    assert all(v >= 0 for v in kind["recon_per_feature"].values())
+    assert kind["weights"]["semantic"] == 0.0
+
+
+def test_agent_state_file_gets_names_and_semantic_term(mtx, agent_file):
+    out = mtx("debug-extended", "--json", "--epochs", "1", "--data", str(agent_file)).json
+    (kind,) = out["kinds"]
+    assert list(kind["recon_per_feature"]) == AGENT_NAMES
+    assert kind["weights"]["semantic"] == 0.5
+    assert kind["records"][0]["components"]["semantic"]["raw"] > 0
+
+
+def test_same_seed_gives_byte_identical_json(mtx):
+    args = ("debug-extended", "--json", "--data-kind", "binary", "--epochs", "1",
+            "--samples", "64")
+    a = mtx(*args, "--seed", "3")
+    b = mtx(*args, "--seed", "3")
+    c = mtx(*args, "--seed", "4")
+    assert a.exit_code == 0, a.stderr
+    assert a.stdout == b.stdout
+    assert a.stdout != c.stdout
+
+
+def test_plot_writes_png(mtx, tmp_path):
+    path = tmp_path / "deep.png"
+    run = mtx("debug-extended", "--json", "--data-kind", "one_hot", "--epochs", "2",
+              "--samples", "64", "--plot", str(path))
+    assert run.exit_code == 0, run.stderr
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run.json["plot"] == str(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["deep.png"]
+
+
+def test_table_output_for_people(mtx):
+    run = mtx("debug-extended", "--data-kind", "normal", "--epochs", "1", "--samples", "64")
+    assert run.exit_code == 0, run.stderr
+    assert run.stdout.strip() and not run.stdout.lstrip().startswith("{")
+
+
+# ---- the parameter inspection and the study, called directly ----
+
+
+def test_inspect_parameters_flags_only_real_problems():
+    from meaning_transform.studies.debug_extended import inspect_parameters
+
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(2, 2)
+    )
+    with torch.no_grad():
+        model[0].bias.zero_()  # a zero bias: fine
+        model[2].weight.fill_(0.5)  # all-identical weight matrix: symmetric units
+        model[3].weight[0, 1] = math.nan
+        model[4].weight[1, 0] = 5e3
+    params = inspect_parameters(model)
+    flags = {name: p["flags"] for name, p in params.items() if p["flags"]}
+    assert flags == {
+        "2.weight": ["identical"],
+        "3.weight": ["non-finite"],
+        "4.weight": ["huge"],
+    }
+    assert params["3.weight"]["nan"] == 1 and params["3.weight"]["inf"] == 0
+    assert math.isfinite(params["3.weight"]["mean"])  # statistics of the finite entries
+    assert params["0.bias"]["std"] == 0.0 and params["0.bias"]["role"] == "bias"
+    assert params["1.weight"]["role"] == "norm_weight"
+
+
+def test_study_flags_a_nan_weight_and_reports_the_nan_run():
+    from meaning_transform.studies.debug_extended import run_debug_extended
+    from meaning_transform.studies.setup import get_data
+    from meaning_transform.training import TrainConfig
+
+    def nan_model(input_dim: int, seed: int) -> nn.Module:
+        model = MeaningVAE(input_dim=input_dim, seed=seed)
+        with torch.no_grad():
+            model.encoder.fc_mu.weight[0, 0] = math.nan
+        return model
+
+    dataset = get_data(None, kind="normal", n=32, seed=0)
+    result = run_debug_extended(
+        [dataset], TrainConfig(epochs=1, batch_size=None, seed=0), model_factory=nan_model
+    )
+    (kind,) = result["kinds"]
+    flagged = {n: p["flags"] for n, p in kind["parameters"].items() if p["flags"]}
+    assert flagged == {"encoder.fc_mu.weight": ["non-finite"]}
+    assert kind["parameters"]["encoder.fc_mu.weight"]["nan"] == 1
+    assert "nonfinite-loss" in kind["findings"]
+    assert any(f["code"] == "nonfinite-loss" and f["severity"] == "error"
+               for f in result["findings"])
+    # The NaN step made no backward pass, so the hooks saw nothing.
+    assert kind["gradients"]["captured_steps"] == 0 < kind["gradients"]["training_steps"]
+
+
+# ---- bad input ----
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--data-kind", "gaussian"), ("--data-kind", "agent_states", "one_hot", "gaussian")),
+        (("--epochs", "-1"), ("--epochs",)),
+        (("--samples", "1"), ("--samples",)),
+        (("--reduction", "median"), ("--reduction",)),
+        (("--data", "/nonexistent/x.npy"), ("not found",)),
+        (("--samples", "129", "--batch-size", "128"), ("--batch-size", "batch norm")),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(mtx, assert_bad_input, args, words):
+    assert_bad_input(mtx("debug-extended", "--epochs", "1", *args), *words)
+
+
+def test_data_file_excludes_data_kind_and_samples(mtx, assert_bad_input, agent_file):
+    assert_bad_input(
+        mtx("debug-extended", "--data", str(agent_file), "--data-kind", "normal"),
+        "--data-kind", "--data",
+    )
+    assert_bad_input(
+        mtx("debug-extended", "--data", str(agent_file), "--samples", "10"), "--samples"
+    )
