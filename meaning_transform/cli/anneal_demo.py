@@ -17,7 +17,9 @@ from meaning_transform.cli.common import (
     Force,
     Json,
     Lr,
+    ModelSpec,
     Plot,
+    ScenarioName,
     Seed,
 )
 
@@ -43,6 +45,8 @@ def anneal_demo(
         float,
         typer.Option("--ratio", help="Cyclical only: share R of each cycle spent rising, (0, 1]."),
     ] = 0.5,
+    model: ModelSpec = None,
+    scenario: ScenarioName = "healthy",
     seed: Seed = 0,
     device: Device = "auto",
     epochs: Epochs = 16,
@@ -97,10 +101,19 @@ def anneal_demo(
         from meaning_transform.training import BetaSchedule
 
         beta_schedule = BetaSchedule(schedule, min_beta, max_beta, cycles, ratio)
-        dataset = get_data(data, seed=seed)
+        factory, fault = common.model_and_scenario(model, scenario)
+        dataset = get_data(data, seed=seed, scenario=fault)
+        factory = common.checked_factory(factory, dataset, seed, model)
         train_config = common.train_config(opts)
         with common.progress("training", total=epochs, enabled=not json) as tick:
-            result = run_anneal(beta_schedule, dataset, train_config, on_epoch=tick)
+            result = run_anneal(
+                beta_schedule,
+                dataset,
+                train_config,
+                on_epoch=tick,
+                model_factory=factory,
+                scenario=fault,
+            )
         result["config"] = {
             **opts.config(),
             "schedule": schedule,
@@ -108,6 +121,8 @@ def anneal_demo(
             "max_beta": max_beta,
             "cycles": cycles,
             "ratio": ratio,
+            "model": model,
+            "scenario": scenario,
         }
         if plot is not None:
             from meaning_transform.plots import anneal_figure

@@ -17,7 +17,9 @@ from meaning_transform.cli.common import (
     Force,
     Json,
     Lr,
+    ModelSpec,
     Plot,
+    ScenarioName,
     Seed,
 )
 
@@ -46,6 +48,8 @@ def check_grads(
             show_default=False,
         ),
     ] = None,
+    model: ModelSpec = None,
+    scenario: ScenarioName = "healthy",
     seed: Seed = 0,
     device: Device = "auto",
     epochs: Epochs = 3,
@@ -89,7 +93,9 @@ def check_grads(
         from meaning_transform.studies.check_grads import run_check_grads
         from meaning_transform.studies.setup import get_data
 
-        dataset = get_data(data, seed=seed)
+        factory, fault = common.model_and_scenario(model, scenario)
+        dataset = get_data(data, seed=seed, scenario=fault)
+        factory = common.checked_factory(factory, dataset, seed, model)
         if semantic_weight and not dataset.agent_layout:
             raise common.UsageProblem(
                 f"--semantic-weight needs the agent-state layout (10 features per row), "
@@ -104,9 +110,17 @@ def check_grads(
                 kl=kl_weight,
                 semantic=0.5 if semantic_weight is None else semantic_weight,
                 reduction=reduction,
+                model_factory=factory,
+                scenario=fault,
                 on_epoch=tick,
             )
-        result["config"] = {**opts.config(), "reduction": reduction, "clip": clip}
+        result["config"] = {
+            **opts.config(),
+            "reduction": reduction,
+            "clip": clip,
+            "model": model,
+            "scenario": scenario,
+        }
         if plot is not None:
             from meaning_transform.plots import check_grads_figure
 

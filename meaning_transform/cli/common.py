@@ -82,7 +82,9 @@ class CommonOptions:
         if self.epochs < 1:
             raise UsageProblem(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 0:
-            raise UsageProblem(f"--batch-size must be 0 (full batch) or more, got {self.batch_size}")
+            raise UsageProblem(
+                f"--batch-size must be 0 (full batch) or more, got {self.batch_size}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageProblem(f"--lr must be a positive number, got {self.lr}")
         if self.plot is not None:

@@ -16,7 +16,9 @@ from meaning_transform.cli.common import (
     Force,
     Json,
     Lr,
+    ModelSpec,
     Plot,
+    ScenarioName,
     Seed,
 )
 
@@ -53,6 +55,8 @@ def debug_extended(
     plot: Plot = None,
     fail_on: FailOn = "error",
     force: Force = False,
+    model: ModelSpec = None,
+    scenario: ScenarioName = "healthy",
 ) -> None:
     """The deep look: inspect, probe and briefly train a VAE per data kind.
 
@@ -68,7 +72,8 @@ def debug_extended(
     on for agent states only.
 
     With --data FILE the file is the one kind: leave --data-kind and --samples
-    out.
+    out. --model runs your own VAE instead of the built-in one; --scenario injects
+    a known fault into the built-in setup.
 
     Example: mtx debug-extended --data-kind normal --epochs 3 --json
     """
@@ -93,8 +98,9 @@ def debug_extended(
             run_debug_extended,
         )
 
+        factory, fault = common.model_and_scenario(model, scenario)
         sizes = {} if samples is None else {"n": samples}
-        datasets = extended_datasets(data_kind, data, seed=seed, **sizes)
+        datasets = extended_datasets(data_kind, data, seed=seed, scenario=fault, **sizes)
         n = int(datasets[0].tensor.shape[0])
         if n < 2:
             raise common.UsageProblem(f"the data has {n} sample(s); need at least 2")
@@ -103,17 +109,26 @@ def debug_extended(
                 f"--batch-size {batch_size} leaves a last batch of 1 of {n} samples; "
                 "batch norm needs at least 2: choose another --batch-size (0 = full batch)"
             )
+        for dataset in datasets:
+            factory = common.checked_factory(factory, dataset, seed, model)
         train_config = common.train_config(opts)
         total = 2 * epochs * len(datasets)  # main run + annealing run per kind
         with common.progress("debugging", total=total, enabled=not json) as tick:
             result = run_debug_extended(
-                datasets, train_config, reduction=reduction, on_epoch=tick
+                datasets,
+                train_config,
+                reduction=reduction,
+                model_factory=factory,
+                on_epoch=tick,
+                scenario=fault,
             )
         result["config"] = {
             **opts.config(),
             "data_kind": "file" if data is not None else data_kind,
             "samples": n,
             "reduction": reduction,
+            "model": model,
+            "scenario": scenario,
         }
         if plot is not None:
             from meaning_transform.plots import debug_extended_figure

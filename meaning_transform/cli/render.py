@@ -402,6 +402,8 @@ def _dx_untrained(kind: dict[str, Any]) -> Table:
                   f"{num(ev['mean'])} ± {num(ev['std'])}",
                   f"max |Δ| {num(diff['max_abs'].get(key))}")
     for name, value in u["train"]["loss"].items():
+        if name == "semantic" and not kind["weights"]["semantic"]:
+            continue  # off for this kind
         t.add_row(f"loss: {name}", num(value), num(u["eval"]["loss"][name]),
                   num(diff["loss"][name]))
     return t
@@ -497,13 +499,14 @@ def _dx_annealing(kind: dict[str, Any]) -> Table:
 
 @renderer("debug-extended")
 def render_debug_extended(result: dict[str, Any]) -> None:
-    render_header(result)
+    scenario = result.get("scenario", "healthy")
+    render_header(result, "" if scenario == "healthy" else f"  scenario [bold]{scenario}[/]")
     for kind in result["kinds"]:
         data = kind["data"]
         w = kind["weights"]
         out.rule(
             f"{kind['kind']}: {data['source']} ({data['n_samples']}×{data['n_features']}), "
-            f"output {kind.get('output_activation') or '?'}, weights r/kl/s "
+            f"output {kind.get('output_activation') or '—'}, weights r/kl/s "
             f"{w['reconstruction']:g}/{w['kl']:g}/{w['semantic']:g}"
             + ("" if kind["agent_layout"] else " (semantic off: not agent states)")
         )

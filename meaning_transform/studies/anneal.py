@@ -11,15 +11,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from meaning_transform.diagnostics.rules import RunEvidence, evaluate
+from meaning_transform.scenarios import Scenario
 from meaning_transform.studies.setup import (
     Dataset,
     ModelFactory,
     build_loss,
     default_model,
+    diagnose_training,
     epoch_row,
+    scenario_train_config,
 )
-from meaning_transform.training import BetaSchedule, EpochRecord, TrainConfig, train
+from meaning_transform.training import BetaSchedule, EpochRecord, TrainConfig
 
 RECON_WEIGHT = 1.0
 SEMANTIC_WEIGHT = 0.5  # the original's; switched off by build_loss on non-agent data
@@ -37,6 +39,7 @@ def run_anneal(
     semantic_weight: float = SEMANTIC_WEIGHT,
     model_factory: ModelFactory | None = None,
     on_epoch: Callable[[], None] | None = None,
+    scenario: Scenario | None = None,
 ) -> dict[str, Any]:
     """Train one model with ``schedule`` driving the KL weight; return the JSON-ready result.
 
@@ -44,31 +47,26 @@ def run_anneal(
     ``train_config`` is replaced. While β changes, the rules on the trend of the total
     (``TOTAL_TREND_CODES``) are not applied and are listed under ``"not_checked"``.
     """
-    config = replace(train_config, schedule=schedule)
+    config = scenario_train_config(replace(train_config, schedule=schedule), scenario)
     model = (
         model_factory(dataset.n_features, config.seed)
         if model_factory is not None
-        else default_model(dataset.n_features, config.seed, dataset.tensor)
+        else default_model(dataset.n_features, config.seed, dataset.tensor, scenario)
     )
     # The starting KL weight is overwritten by the schedule before the first step.
     loss_fn = build_loss(
-        recon_weight, schedule.beta(0, config.epochs), semantic_weight, dataset, reduction
+        recon_weight, schedule.beta(0, config.epochs), semantic_weight, dataset, reduction,
+        scenario,
     )
-    result = train(
+    diagnosed = diagnose_training(
+        schedule.schedule_type,
         model,
         loss_fn,
         dataset.tensor,
         config,
         on_epoch=(lambda _r: on_epoch()) if on_epoch else None,
     )
-    findings = evaluate(
-        RunEvidence(
-            where=schedule.schedule_type,
-            records=result.records,
-            reduction=result.reduction,
-            batch_size=result.batch_size,
-        )
-    )
+    result, findings = diagnosed.result, diagnosed.findings
     beta_varies = len({r.beta for r in result.records}) > 1
     not_checked = list(TOTAL_TREND_CODES) if beta_varies else []
     findings = [f for f in findings if f.code not in not_checked]
@@ -93,6 +91,9 @@ def run_anneal(
         "epochs": [_epoch(r) for r in result.records],
         "beta_curve": [r.beta for r in result.records],
         "not_checked": not_checked,
+        "scenario": scenario.name if scenario is not None else "healthy",
+        "attribution": diagnosed.attribution,
+        "latent": diagnosed.latent,
         "findings": [f.as_dict() for f in findings],
     }
 

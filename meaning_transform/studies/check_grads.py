@@ -26,9 +26,16 @@ from meaning_transform.diagnostics.gradients import (
     GradientSnapshot,
     ParamGradStats,
 )
-from meaning_transform.diagnostics.rules import RunEvidence, evaluate
-from meaning_transform.studies.setup import Dataset, ModelFactory, build_loss, default_model
-from meaning_transform.training import StepContext, TrainConfig, train
+from meaning_transform.scenarios import Scenario
+from meaning_transform.studies.setup import (
+    Dataset,
+    ModelFactory,
+    build_loss,
+    default_model,
+    diagnose_training,
+    scenario_train_config,
+)
+from meaning_transform.training import StepContext, TrainConfig
 
 # Flag thresholds (per parameter, last monitored step).
 TINY_ABS_MEAN = 1e-7  # mean |g| below this: vanished (DeepDiagnosis' threshold)
@@ -81,28 +88,32 @@ def run_check_grads(
     reduction: str = "mean",
     model_factory: ModelFactory | None = None,
     on_epoch: Callable[[], None] | None = None,
+    scenario: Scenario | None = None,
 ) -> dict[str, Any]:
     """Train one fresh model, monitoring every step's gradients; return the JSON-ready result.
 
     ``train_config.clip_grad_norm`` (if set) is applied after each snapshot, so every
     reported norm is the norm before clipping (see the module docstring).
     """
+    train_config = scenario_train_config(train_config, scenario)
     model = (
         model_factory(dataset.n_features, train_config.seed)
         if model_factory is not None
-        else default_model(dataset.n_features, train_config.seed, dataset.tensor)
+        else default_model(dataset.n_features, train_config.seed, dataset.tensor, scenario)
     )
-    loss_fn = build_loss(recon, kl, semantic, dataset, reduction)
+    loss_fn = build_loss(recon, kl, semantic, dataset, reduction, scenario)
     clip = train_config.clip_grad_norm
     recorder = _StepRecorder(model, clip)
-    result = train(
+    diagnosed = diagnose_training(
+        dataset.kind,
         model,
         loss_fn,
         dataset.tensor,
         replace(train_config, clip_grad_norm=None),  # clipped by the recorder instead
-        callbacks=[recorder],
+        callbacks=(recorder,),
         on_epoch=(lambda _r: on_epoch()) if on_epoch else None,
     )
+    result = diagnosed.result
     history = recorder.monitor.history
     steps = [
         _step_row(row, history[i] if i is not None else None, clip)
@@ -111,15 +122,7 @@ def run_check_grads(
     never = _never_received(history)
     last = history[-1] if history else None
     cancelled = biases_before_batchnorm(model)
-    findings = evaluate(
-        RunEvidence(
-            where=dataset.kind,
-            records=result.records,
-            reduction=result.reduction,
-            batch_size=result.batch_size,
-            snapshots=tuple(history),
-        )
-    )
+    findings = diagnosed.findings
     last_row = next((s for s in reversed(steps) if s["total_norm"] is not None), None)
     return {
         "command": "check-grads",
@@ -146,6 +149,9 @@ def run_check_grads(
         "first_layer": last.first_layer if last is not None else None,
         "last_layer": last.last_layer if last is not None else None,
         "never_received": list(never),
+        "scenario": scenario.name if scenario is not None else "healthy",
+        "attribution": diagnosed.attribution,
+        "latent": diagnosed.latent,
         "findings": [f.as_dict() for f in findings],
     }
 

@@ -4,7 +4,8 @@ For each data kind a fresh model (same seed) goes through, in order:
 
 1. parameter inspection of the untrained model (flags only for real problems);
 2. an untrained forward pass in train mode and in eval mode, and why they differ;
-3. a short training run (``--epochs``) with gradient statistics captured by hooks;
+3. a short training run (``--epochs``) with the Doctor attached: gradient
+   statistics captured by its hooks, and the evidence every command's rules read;
 4. on the trained model, in eval mode (z = mu), over all samples: the KL term by
    term, the KL per latent dimension with latent health, and the reconstruction
    error per input feature;
@@ -16,7 +17,9 @@ train-mode pass moves batch-norm running statistics and draws noise).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +28,22 @@ from torch import Tensor, nn
 
 from meaning_transform.data import DATA_KINDS, FEATURE_NAMES
 from meaning_transform.diagnostics._modes import evaluating
+from meaning_transform.diagnostics.doctor import Doctor
 from meaning_transform.diagnostics.findings import Finding, sort_findings
-from meaning_transform.diagnostics.gradients import GradientHooks, GradientSnapshot
+from meaning_transform.diagnostics.gradients import GradientSnapshot
 from meaning_transform.diagnostics.latent import latent_health
-from meaning_transform.diagnostics.rules import RunEvidence, evaluate
+from meaning_transform.diagnostics.rules import evaluate
 from meaning_transform.losses import kl_per_sample, kl_terms, reconstruction_per_feature
+from meaning_transform.scenarios import Scenario
 from meaning_transform.studies.setup import (
+    ATTRIBUTIONS_PER_RUN,
     Dataset,
     ModelFactory,
     build_loss,
     default_model,
     epoch_row,
     get_data,
+    scenario_train_config,
 )
 from meaning_transform.training import BetaSchedule, TrainConfig, resolve_device, train
 
@@ -53,13 +60,17 @@ _DROPOUT_TYPES = (nn.Dropout, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def extended_datasets(
-    data_kind: str, path: Path | None, n: int = SAMPLES_PER_KIND, seed: int = 0
+    data_kind: str,
+    path: Path | None,
+    n: int = SAMPLES_PER_KIND,
+    seed: int = 0,
+    scenario: Scenario | None = None,
 ) -> list[Dataset]:
     """The user's file as the one kind, else ``n`` samples of each chosen synthetic kind."""
     if path is not None:
-        return [get_data(path, seed=seed)]
+        return [get_data(path, seed=seed, scenario=scenario)]
     kinds = DATA_KINDS if data_kind == "all" else (data_kind,)
-    return [get_data(None, kind=kind, n=n, seed=seed) for kind in kinds]
+    return [get_data(None, kind=kind, n=n, seed=seed, scenario=scenario) for kind in kinds]
 
 
 def agent_layout_applies(dataset: Dataset) -> bool:
@@ -361,20 +372,24 @@ def run_kind(
     reduction: str = "mean",
     model_factory: ModelFactory | None = None,
     on_epoch: Callable[[], None] | None = None,
+    scenario: Scenario | None = None,
 ) -> tuple[dict[str, Any], list[Finding]]:
     """Every section for one data kind, and the findings of its training run."""
     where = dataset.kind
     layout = agent_layout_applies(dataset)
     x = dataset.tensor  # (N, D)
+    train_config = scenario_train_config(train_config, scenario)
 
     def fresh_model() -> nn.Module:
         if model_factory is not None:
             return model_factory(dataset.n_features, train_config.seed)
-        return default_model(dataset.n_features, train_config.seed, x)
+        return default_model(dataset.n_features, train_config.seed, x, scenario)
 
     def fresh_loss() -> nn.Module:
         semantic = WEIGHTS["semantic"] if layout else 0.0
-        return build_loss(WEIGHTS["reconstruction"], WEIGHTS["kl"], semantic, dataset, reduction)
+        return build_loss(
+            WEIGHTS["reconstruction"], WEIGHTS["kl"], semantic, dataset, reduction, scenario
+        )
 
     tick = (lambda _r: on_epoch()) if on_epoch is not None else None
 
@@ -384,13 +399,18 @@ def run_kind(
     untrained = untrained_pass(probe, fresh_loss(), x)
     del probe
 
-    # 3. The main short run, gradients captured by hooks.
+    # 3. The main short run with the Doctor attached (its hooks capture the gradients).
     model = fresh_model()
     loss_fn = fresh_loss()
-    with GradientHooks(model) as hooks:
-        hooks_registered = len(hooks.handles)
-        result = train(model, loss_fn, x, train_config, on_epoch=tick)
-    history = hooks.history
+    n = x.shape[0]
+    batch = n if train_config.batch_size is None else min(train_config.batch_size, n)
+    steps = train_config.epochs * math.ceil(n / batch)
+    doctor = Doctor(model, where=where, attribute_every=max(1, steps // ATTRIBUTIONS_PER_RUN))
+    with doctor:
+        hooks_registered = len(doctor.hooks.handles)
+        result = train(model, loss_fn, x, train_config, callbacks=(doctor,), on_epoch=tick)
+    evidence = doctor.evidence(result.records, data=x, batch_size=result.batch_size)
+    history = list(evidence.snapshots)
     gradients = gradient_summary(
         history, hooks_registered, result.steps, biases_before_batch_norm(model)
     )
@@ -400,35 +420,24 @@ def run_kind(
     mu, log_var = out["mu"].to(torch.float64), out["log_var"].to(torch.float64)  # (N, Z)
     health = latent_health(mu, log_var)
     per_feature = reconstruction_per_feature(out["reconstruction"], x).tolist()  # (D,)
+    if evidence.latent is not None:  # the rules see the numbers this report shows
+        evidence = replace(evidence, latent=health)
 
     # 5. A short linear-β annealing run from a fresh model.
-    anneal_config = TrainConfig(
-        epochs=train_config.epochs,
-        batch_size=train_config.batch_size,
-        lr=train_config.lr,
-        clip_grad_norm=train_config.clip_grad_norm,
-        schedule=ANNEALING,
-        device=train_config.device,
-        seed=train_config.seed,
-    )
+    anneal_config = replace(train_config, schedule=ANNEALING)
     annealed = train(fresh_model(), fresh_loss(), x, anneal_config, on_epoch=tick)
 
-    findings = evaluate(
-        RunEvidence(
-            where=where,
-            records=result.records,
-            reduction=result.reduction,
-            batch_size=result.batch_size,
-            snapshots=tuple(history),
-            latent=health,
-        )
-    )
+    findings = evaluate(evidence)
     health_dict = health.as_dict()
     section = {
         "kind": where,
         "data": dataset.describe(),
         "agent_layout": layout,
-        "weights": {**WEIGHTS, "semantic": float(loss_fn.semantic_loss_weight)},
+        "weights": {
+            "reconstruction": float(loss_fn.recon_loss_weight),
+            "kl": float(loss_fn.kl_loss_weight),
+            "semantic": float(loss_fn.semantic_loss_weight),
+        },
         "reduction": result.reduction,
         "batch_size": result.batch_size,
         "output_activation": getattr(model, "output_activation", None),
@@ -436,8 +445,7 @@ def run_kind(
         "untrained_pass": untrained,
         "measured_on": (
             f"kl_terms, kl_per_dim, latent_health and recon_per_feature: the model after "
-            f"{train_config.epochs} epoch(s), eval mode (z = mu), all {dataset.tensor.shape[0]} "
-            "samples"
+            f"{train_config.epochs} epoch(s), eval mode (z = mu), all {n} samples"
         ),
         "kl_terms": kl_term_statistics(mu, log_var),
         "kl_per_dim": list(health.kl_per_dim),
@@ -472,6 +480,7 @@ def run_debug_extended(
     reduction: str = "mean",
     model_factory: ModelFactory | None = None,
     on_epoch: Callable[[], None] | None = None,
+    scenario: Scenario | None = None,
 ) -> dict[str, Any]:
     """Run every section on each dataset; return the JSON-ready result.
 
@@ -480,7 +489,9 @@ def run_debug_extended(
     kinds: list[dict[str, Any]] = []
     findings: list[Finding] = []
     for dataset in datasets:
-        section, found = run_kind(dataset, train_config, reduction, model_factory, on_epoch)
+        section, found = run_kind(
+            dataset, train_config, reduction, model_factory, on_epoch, scenario
+        )
         kinds.append(section)
         findings.extend(found)
     first = datasets[0]
@@ -499,6 +510,7 @@ def run_debug_extended(
         "data": data,
         "batch_size": kinds[0]["batch_size"],
         "reduction": reduction,
+        "scenario": scenario.name if scenario is not None else "healthy",
         "kinds": kinds,
         "findings": [f.as_dict() for f in sort_findings(findings)],
     }

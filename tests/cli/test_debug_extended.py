@@ -199,6 +199,59 @@ def test_table_output_for_people(mtx):
     assert run.stdout.strip() and not run.stdout.lstrip().startswith("{")
 
 
+def test_scenario_without_batch_norm_changes_the_why_and_is_found(mtx):
+    out = mtx("debug-extended", "--json", "--data-kind", "normal", "--epochs", "2",
+              "--samples", "64", "--scenario", "dying-relu").json
+    assert out["scenario"] == "dying-relu"
+    (kind,) = out["kinds"]
+    assert "batch norm" not in kind["untrained_pass"]["why"]
+    assert "z = mu" in kind["untrained_pass"]["why"]
+    assert kind["gradients"]["batch_norm_centred"] == []
+    assert "dying-relu" in kind["findings"]
+    assert not any(p["role"].startswith("norm") for p in kind["parameters"].values())
+
+
+USER_VAE = """
+import torch
+from torch import nn
+
+
+class TinyVAE(nn.Module):
+    def __init__(self, input_dim):
+        super().__init__()
+        self.enc = nn.Linear(input_dim, 16)
+        self.mu = nn.Linear(16, 2)
+        self.log_var = nn.Linear(16, 2)
+        self.dec = nn.Linear(2, input_dim)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x))
+        mu, log_var = self.mu(h), self.log_var(h)
+        z = mu + torch.exp(0.5 * log_var) * torch.randn(mu.shape, generator=self.gen)
+        return {"reconstruction": self.dec(z), "mu": mu, "log_var": log_var, "z": z}
+
+
+def build(input_dim=10):
+    return TinyVAE(input_dim)
+"""
+
+
+def test_user_model_is_the_one_inspected(mtx, tmp_path):
+    path = tmp_path / "tiny_vae.py"
+    path.write_text(USER_VAE)
+    out = mtx("debug-extended", "--json", "--data-kind", "normal", "--epochs", "1",
+              "--samples", "64", "--model", f"{path}:build").json
+    (kind,) = out["kinds"]
+    assert list(kind["parameters"]) == [
+        "enc.weight", "enc.bias", "mu.weight", "mu.bias", "log_var.weight", "log_var.bias",
+        "dec.weight", "dec.bias",
+    ]
+    assert kind["gradients"]["hooks_registered"] == 8
+    assert len(kind["kl_per_dim"]) == kind["latent_health"]["latent_dim"] == 2
+    assert kind["output_activation"] is None
+
+
 # ---- the parameter inspection and the study, called directly ----
 
 
@@ -262,6 +315,7 @@ def test_study_flags_a_nan_weight_and_reports_the_nan_run():
         (("--epochs", "-1"), ("--epochs",)),
         (("--samples", "1"), ("--samples",)),
         (("--reduction", "median"), ("--reduction",)),
+        (("--scenario", "gremlins"), ("--scenario", "gremlins")),
         (("--data", "/nonexistent/x.npy"), ("not found",)),
         (("--samples", "129", "--batch-size", "128"), ("--batch-size", "batch norm")),
     ],
