@@ -206,6 +206,14 @@ SCENARIOS: dict[str, Scenario] = {
             "the original reductions: reconstruction and KL summed, semantic averaged",
             loss_kwargs={"reduction": "sum", "semantic_reduction": "mean"},
         ),
+        Scenario(
+            "original",
+            ("no-grad-path", "frozen-noise", "batch-dependent-weights"),
+            "the original system all at once: hard semantic features, noise reseeded every "
+            "call, reconstruction and KL summed but semantic averaged",
+            model_kwargs={"noise": "frozen"},
+            loss_kwargs={"semantic_mode": "hard", "reduction": "sum", "semantic_reduction": "mean"},
+        ),
     )
 }
 

@@ -119,14 +119,18 @@ def render_findings(findings: list[dict[str, Any]]) -> None:
     if not findings:
         out.print("[green]No findings: nothing looks wrong.[/]")
         return
-    t = table("Findings", ["severity", "code", "where", "what", "remedy"])
+    t = Table(title="Findings", box=box.SIMPLE_HEAD, title_justify="left")
+    t.add_column("severity", no_wrap=True)
+    t.add_column("code", no_wrap=True)
+    t.add_column("where", overflow="fold", max_width=28)
+    t.add_column("finding, evidence and remedy", ratio=1)
     for f in findings:
+        what = Text()
+        what.append(f["title"], style="bold")
+        what.append(f": {f['message']}\n")
+        what.append(f"→ {f['remedy']}", style="italic")
         t.add_row(
-            Text(f["severity"], style=SEVERITY_STYLE[f["severity"]]),
-            f["code"],
-            f["where"],
-            f"{f['title']}: {f['message']}",
-            f["remedy"],
+            Text(f["severity"], style=SEVERITY_STYLE[f["severity"]]), f["code"], f["where"], what
         )
     out.print(t)
 

@@ -350,8 +350,8 @@ def grad_conflict(ev: RunEvidence) -> list[Finding]:
                     title=f"{a} and {b} pull against each other",
                     message=(
                         f"cos(g_{a}, g_{b}) < 0 in {share:.0%} of attributed steps "
-                        f"(mean {mean_cos:.2f}); some conflict between reconstruction and "
-                        "KL is normal, a strongly negative cosine is not"
+                        f"(mean {mean_cos:.2f}); mild conflict between the KL term and the "
+                        "data terms is normal, a strongly negative cosine is not"
                     ),
                     remedy=(
                         "If one term should win, re-weight; if both matter, project out the "
