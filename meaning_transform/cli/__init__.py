@@ -44,4 +44,21 @@ app.command("check-grads")(check_grads.check_grads)
 
 
 def main() -> None:
-    app()
+    """Entry point: like ``app()``, but a usage error is one line on stderr and exit 2."""
+    import sys
+
+    # Typer re-exports click's BadParameter (vendored in new Typer); its base is UsageError.
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as e:
+        where = e.ctx.command_path if e.ctx is not None else "mtx"
+        message = " ".join(e.format_message().split())
+        if not message:  # a bare ``mtx``: the help was shown, nothing went wrong
+            sys.exit(0)
+        print(f"error: {message} (see '{where} --help')", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

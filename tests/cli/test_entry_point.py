@@ -1,0 +1,51 @@
+"""The real entry point: usage errors are one line and exit 2; help needs no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _mtx(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meaning_transform", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (("debug-loss", "--epochs", "abc"), "--epochs"),
+        (("debug-loss", "--bogus"), "--bogus"),
+        (("nosuch",), "nosuch"),
+        (("anneal-demo", "--schedule", "wobbly"), "--schedule"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args, word):
+    proc = _mtx(*args)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and word in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_help_and_version():
+    assert _mtx("--version").stdout.startswith("mtx ")
+    proc = _mtx("--help")
+    assert proc.returncode == 0
+    for command in ("debug-loss", "debug-extended", "anneal-demo", "check-grads"):
+        assert command in proc.stdout
+    assert _mtx().returncode == 0  # bare mtx shows the help
+
+
+def test_json_run_through_the_entry_point_is_pure_json():
+    import json
+
+    proc = _mtx("debug-loss", "--epochs", "1", "--kl-weight", "0.1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["exit_code"] == 0
