@@ -155,8 +155,13 @@ class TrainResult:
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches; a last batch of one sample joins the one before it,
+    because batch norm cannot normalise a single sample in training mode."""
     order = torch.randperm(n, generator=generator)
-    return list(order.split(batch_size))
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and batches[-1].numel() == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
 def train(

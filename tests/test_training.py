@@ -111,3 +111,15 @@ def test_device_resolution():
 def test_bad_config(kwargs):
     with pytest.raises(ValueError):
         TrainConfig(**kwargs)
+
+
+def test_a_last_batch_of_one_joins_the_previous_batch():
+    from meaning_transform.training import _batches
+
+    batches = _batches(129, 64, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [64, 65]
+    assert sorted(torch.cat(batches).tolist()) == list(range(129))
+    model, loss, _ = _setup()
+    data = synthetic_agent_states(129, seed=0)
+    result = train(model, loss, data, TrainConfig(epochs=1, batch_size=64))
+    assert result.records[0].steps == 2

@@ -104,11 +104,6 @@ def debug_extended(
         n = int(datasets[0].tensor.shape[0])
         if n < 2:
             raise common.UsageProblem(f"the data has {n} sample(s); need at least 2")
-        if batch_size and n > batch_size and n % batch_size == 1:
-            raise common.UsageProblem(
-                f"--batch-size {batch_size} leaves a last batch of 1 of {n} samples; "
-                "batch norm needs at least 2: choose another --batch-size (0 = full batch)"
-            )
         for dataset in datasets:
             factory = common.checked_factory(factory, dataset, seed, model)
         train_config = common.train_config(opts)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meaning_transform.data import N_FEATURES, generate, load_data
+from meaning_transform.data import N_FEATURES, DataError, generate, load_data
 from meaning_transform.diagnostics.doctor import Doctor
 from meaning_transform.diagnostics.findings import Finding
 from meaning_transform.losses import CombinedLoss
@@ -62,7 +62,10 @@ def get_data(
 ) -> Dataset:
     """The user's file when given, else ``n`` synthetic samples of ``kind``."""
     if path is not None:
-        data = Dataset(load_data(path), source=str(path), kind="file")
+        tensor = load_data(path)
+        if tensor.shape[0] < 2:
+            raise DataError(f"{path}: need at least 2 rows to train, got {tensor.shape[0]}")
+        data = Dataset(tensor, source=str(path), kind="file")
     else:
         data = Dataset(generate(kind, n, seed=seed), source=f"synthetic:{kind}", kind=kind)
     if scenario is not None and scenario.nan_input:

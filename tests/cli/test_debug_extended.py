@@ -317,7 +317,6 @@ def test_study_flags_a_nan_weight_and_reports_the_nan_run():
         (("--reduction", "median"), ("--reduction",)),
         (("--scenario", "gremlins"), ("--scenario", "gremlins")),
         (("--data", "/nonexistent/x.npy"), ("not found",)),
-        (("--samples", "129", "--batch-size", "128"), ("--batch-size", "batch norm")),
     ],
 )
 def test_bad_options_exit_2_with_one_line(mtx, assert_bad_input, args, words):

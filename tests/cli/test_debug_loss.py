@@ -138,3 +138,15 @@ def test_plot_path_problems(mtx, assert_bad_input, tmp_path):
     run = mtx("debug-loss", *FAST, "--kl-weight", "0.1", "--plot", str(existing), "--force")
     assert run.exit_code == 0
     assert existing.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_row_of_data_is_bad_input_and_odd_batches_train(mtx, assert_bad_input, tmp_path):
+    one = tmp_path / "one.npy"
+    np.save(one, np.random.default_rng(0).random((1, 10)))
+    assert_bad_input(mtx("debug-loss", "--epochs", "1", "--data", str(one)), "at least 2 rows")
+    odd = tmp_path / "odd.npy"
+    np.save(odd, np.random.default_rng(0).random((129, 10)))
+    run = mtx("debug-loss", "--epochs", "1", "--kl-weight", "0.1", "--batch-size", "128",
+              "--data", str(odd), "--json")
+    assert run.exit_code == 0, run.stderr
+    assert run.json["runs"][0]["final"]["steps"] == 1  # the single last sample joined batch 1
