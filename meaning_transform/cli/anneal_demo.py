@@ -124,9 +124,5 @@ def anneal_demo(
             "model": model,
             "scenario": scenario,
         }
-        if plot is not None:
-            from meaning_transform.plots import anneal_figure
-
-            common.save_plot(plot, anneal_figure, result)
-            result["plot"] = str(plot)
+        common.save_plot(result, opts, "anneal_figure")
     common.finish(result, opts)

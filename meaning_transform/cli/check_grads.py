@@ -121,9 +121,5 @@ def check_grads(
             "model": model,
             "scenario": scenario,
         }
-        if plot is not None:
-            from meaning_transform.plots import check_grads_figure
-
-            common.save_plot(plot, check_grads_figure, result)
-            result["plot"] = str(plot)
+        common.save_plot(result, opts, "check_grads_figure")
     common.finish(result, opts)

@@ -225,12 +225,18 @@ def train_config(opts: CommonOptions, **overrides: Any) -> Any:
     )
 
 
-def save_plot(path: Path, figure: Callable[[dict[str, Any]], Any], result: dict[str, Any]) -> None:
-    """Draw ``figure(result)`` and write it as a PNG, atomically."""
-    from meaning_transform.plots import save_png
+def save_plot(result: dict[str, Any], opts: CommonOptions, figure: str) -> None:
+    """With --plot, draw ``plots.<figure>(result)`` and write it as a PNG, atomically.
 
-    fig = figure(result)
-    write_atomically(path, lambda tmp: save_png(fig, tmp))
+    matplotlib is imported only here, so a run without --plot never loads it.
+    """
+    if opts.plot is None:
+        return
+    from meaning_transform import plots
+
+    fig = getattr(plots, figure)(result)
+    write_atomically(opts.plot, lambda tmp: plots.save_png(fig, tmp))
+    result["plot"] = str(opts.plot)
 
 
 def finish(result: dict[str, Any], opts: CommonOptions) -> None:

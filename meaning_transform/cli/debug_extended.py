@@ -125,9 +125,5 @@ def debug_extended(
             "model": model,
             "scenario": scenario,
         }
-        if plot is not None:
-            from meaning_transform.plots import debug_extended_figure
-
-            common.save_plot(plot, debug_extended_figure, result)
-            result["plot"] = str(plot)
+        common.save_plot(result, opts, "debug_extended_figure")
     common.finish(result, opts)

@@ -113,9 +113,5 @@ def debug_loss(
             )
         result["config"] = {**opts.config(), "reduction": reduction, "model": model,
                             "scenario": scenario}
-        if plot is not None:
-            from meaning_transform.plots import debug_loss_figure
-
-            common.save_plot(plot, debug_loss_figure, result)
-            result["plot"] = str(plot)
+        common.save_plot(result, opts, "debug_loss_figure")
     common.finish(result, opts)
