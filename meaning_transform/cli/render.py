@@ -112,6 +112,8 @@ def render_header(result: dict[str, Any], extra: str = "") -> None:
     )
     if "reduction" in result:
         line += f"  reduction [bold]{result['reduction']}[/]"
+    if result.get("scenario", "healthy") != "healthy":
+        line += f"  scenario [bold magenta]{result['scenario']}[/]"
     out.print(line + extra)
 
 
@@ -135,6 +137,46 @@ def render_findings(findings: list[dict[str, Any]]) -> None:
     out.print(t)
 
 
+def render_diagnosis(name: str, attribution: dict[str, Any], latent: dict[str, Any] | None) -> None:
+    """Per-term gradient attribution and latent health of one run."""
+    if attribution:
+        terms = list(attribution["norm"])
+        t = table(
+            f"{name} · gradient by loss term (mean over {attribution['steps_attributed']} "
+            f"attributed steps)",
+            [
+                "term",
+                "weight",
+                "‖g‖",
+                "‖w·g‖",
+                "share",
+                *[f"cos {n}" for n in terms if "/" not in n],
+            ],
+            "share: projection of w·g on the total gradient (sums to 100% over the main "
+            "terms); cos < 0: the terms pull against each other (PCGrad)",
+        )
+        mains = [n for n in terms if "/" not in n]
+        for n in terms:
+            t.add_row(
+                n,
+                num(attribution["weights"].get(n)),
+                num(attribution["norm"][n]),
+                num(attribution["weighted_norm"][n]),
+                pct(attribution["share"][n]),
+                *[num(attribution["cosine"].get(n, {}).get(m), 2) for m in mains],
+            )
+        out.print(t)
+    if latent:
+        active = latent["active_units"]
+        out.print(
+            f"latent: {active}/{latent['latent_dim']} active units "
+            f"(Var of mu > {latent['active_threshold']}), KL per dimension "
+            f"{' '.join(num(v, 3) for v in latent['kl_per_dim'])} nats, free bits "
+            f"(λ={latent['free_bits_lambda']}) {num(latent['free_bits'], 3)}"
+            + ("  [bold red]collapsed[/]" if latent["collapsed"] else "")
+        )
+
+
 def component_table(title: str, epoch: dict[str, Any], reduction: dict[str, str]) -> Table:
     caption = (
         f"total gradient norm before clipping {num(epoch['grad_norm'])}"
@@ -142,8 +184,9 @@ def component_table(title: str, epoch: dict[str, Any], reduction: dict[str, str]
     )
     if epoch.get("skipped_steps"):
         caption += f"; {epoch['skipped_steps']} step(s) skipped (non-finite)"
-    t = table(title, ["component", "reduction", "raw", "weight", "weighted", "share", "flags"],
-              caption)
+    t = table(
+        title, ["component", "reduction", "raw", "weight", "weighted", "share", "flags"], caption
+    )
     for name, row in epoch["components"].items():
         t.add_row(
             name,
@@ -155,7 +198,12 @@ def component_table(title: str, epoch: dict[str, Any], reduction: dict[str, str]
             flags_text(row["flags"]),
         )
     t.add_row(
-        Text("total", style="bold"), "", "", "", num(epoch["total"]), "100.0%",
+        Text("total", style="bold"),
+        "",
+        "",
+        "",
+        num(epoch["total"]),
+        "100.0%",
         flags_text(epoch.get("total_flags", [])),
     )
     return t
@@ -173,10 +221,25 @@ def render_debug_loss(result: dict[str, Any]) -> None:
             f"semantic {num(w['semantic'])}"
         )
         for epoch in run["epochs"]:
-            out.print(component_table(f"{run['name']} · epoch {epoch['epoch']}", epoch,
-                                      run["reduction"]))
-    t = table("Summary", ["configuration", "weights r/kl/s", "first total", "final total",
-                          "recon", "KL", "semantic", "grad norm", "flags", "findings"])
+            out.print(
+                component_table(f"{run['name']} · epoch {epoch['epoch']}", epoch, run["reduction"])
+            )
+        render_diagnosis(run["name"], run.get("attribution") or {}, run.get("latent"))
+    t = table(
+        "Summary",
+        [
+            "configuration",
+            "weights r/kl/s",
+            "first total",
+            "final total",
+            "recon",
+            "KL",
+            "semantic",
+            "grad norm",
+            "flags",
+            "findings",
+        ],
+    )
     for s in result["summary"]:
         w = s["weights"]
         raw = s["final_raw"]
@@ -196,14 +259,10 @@ def render_debug_loss(result: dict[str, Any]) -> None:
     render_findings(result["findings"])
 
 
-
-
 @renderer("anneal-demo")
 def render_anneal_demo(result: dict[str, Any]) -> None:
     s = result["schedule"]
-    extra = (
-        f"  schedule [bold]{s['type']}[/] β {num(s['min_beta'])}→{num(s['max_beta'])}"
-    )
+    extra = f"  schedule [bold]{s['type']}[/] β {num(s['min_beta'])}→{num(s['max_beta'])}"
     if s["type"] == "cyclical":
         extra += f" (cycles {s['cycles']}, ratio {num(s['ratio'])})"
     render_header(result, extra)
@@ -217,8 +276,12 @@ def render_anneal_demo(result: dict[str, Any]) -> None:
     )
     for e in result["epochs"]:
         flags = sorted(
-            {f"{name}:{fl}" for name, row in e["components"].items() for fl in row["flags"]
-             if fl != "off"}
+            {
+                f"{name}:{fl}"
+                for name, row in e["components"].items()
+                for fl in row["flags"]
+                if fl != "off"
+            }
             | {f"total:{fl}" for fl in e["total_flags"]}
         )
         semantic = e["components"].get("semantic", {})
@@ -247,6 +310,9 @@ def render_anneal_demo(result: dict[str, Any]) -> None:
             f"[dim]not checked while β changes (the total is a different objective each "
             f"epoch): {', '.join(result['not_checked'])}[/]"
         )
+    render_diagnosis(
+        result["schedule"]["type"], result.get("attribution") or {}, result.get("latent")
+    )
     render_findings(result["findings"])
 
 
@@ -277,8 +343,16 @@ def render_check_grads(result: dict[str, Any]) -> None:
     shown = steps if len(steps) <= 12 else steps[:5] + [None] + steps[-5:]
     t = table(
         "Per step",
-        ["step", "epoch", "loss", "total norm", "clip_grad_norm_", "first/last", "missing",
-         "non-finite"],
+        [
+            "step",
+            "epoch",
+            "loss",
+            "total norm",
+            "clip_grad_norm_",
+            "first/last",
+            "missing",
+            "non-finite",
+        ],
         caption=f"total norm over steps {sparkline(s['total_norm'] for s in steps)}",
     )
     for s in shown:
@@ -303,8 +377,19 @@ def render_check_grads(result: dict[str, Any]) -> None:
     th = result["thresholds"]
     t = table(
         f"Parameters at step {result['last_step']}",
-        ["parameter", "shape", "norm", "mean", "std", "min", "max", "zeros", "NaN",
-         "Δw/w", "flags"],
+        [
+            "parameter",
+            "shape",
+            "norm",
+            "mean",
+            "std",
+            "min",
+            "max",
+            "zeros",
+            "NaN",
+            "Δw/w",
+            "flags",
+        ],
         caption=(
             "gradients before clipping; NaN = NaN/Inf entries; Δw/w = ||update|| / ||weight||; "
             f"tiny: mean|g| < {th['tiny_abs_mean']:g}; large-update: Δw/w > "
@@ -351,6 +436,7 @@ def render_check_grads(result: dict[str, Any]) -> None:
         out.print(f"[bold red]never received a gradient:[/] {', '.join(never)}")
     else:
         out.print("every parameter that requires a gradient received one")
+    render_diagnosis(result["data"]["kind"], result.get("attribution") or {}, result.get("latent"))
     render_findings(result["findings"])
 
 
@@ -381,35 +467,55 @@ def _dx_parameters(kind: dict[str, Any]) -> Table:
     rows, more = _dx_cut(list(kind["parameters"].items()))
     flagged = sum(1 for _, p in kind["parameters"].items() if p["flags"])
     caption = (
-        f"{flagged} parameter(s) flagged" if flagged else "no parameter flagged"
-    ) + " (zero biases and batch-norm ones are how layers start, not faults)" + more
-    t = _dx_table("parameters of the untrained model",
-              ["parameter", "role", "shape", "mean", "std", "min", "max", "NaN", "Inf", "flags"],
-              caption)
+        (f"{flagged} parameter(s) flagged" if flagged else "no parameter flagged")
+        + " (zero biases and batch-norm ones are how layers start, not faults)"
+        + more
+    )
+    t = _dx_table(
+        "parameters of the untrained model",
+        ["parameter", "role", "shape", "mean", "std", "min", "max", "NaN", "Inf", "flags"],
+        caption,
+    )
     for name, p in rows:
-        t.add_row(name, p["role"], "×".join(str(s) for s in p["shape"]), num(p["mean"]),
-                  num(p["std"]), num(p["min"]), num(p["max"]), num(p["nan"]), num(p["inf"]),
-                  flags_text(p["flags"]))
+        t.add_row(
+            name,
+            p["role"],
+            "×".join(str(s) for s in p["shape"]),
+            num(p["mean"]),
+            num(p["std"]),
+            num(p["min"]),
+            num(p["max"]),
+            num(p["nan"]),
+            num(p["inf"]),
+            flags_text(p["flags"]),
+        )
     return t
 
 
 def _dx_untrained(kind: dict[str, Any]) -> Table:
     u = kind["untrained_pass"]
     diff = u["differences"]
-    t = _dx_table(f"untrained pass, no update ({u['n_samples']} samples)",
-              ["quantity", "train mode", "eval mode", "train − eval"], u["why"])
+    t = _dx_table(
+        f"untrained pass, no update ({u['n_samples']} samples)",
+        ["quantity", "train mode", "eval mode", "train − eval"],
+        u["why"],
+    )
     for key in ("reconstruction", "mu", "log_var", "z"):
         if key not in u["train"]:
             continue
         tr, ev = u["train"][key], u["eval"][key]
-        t.add_row(f"{key} mean ± std", f"{num(tr['mean'])} ± {num(tr['std'])}",
-                  f"{num(ev['mean'])} ± {num(ev['std'])}",
-                  f"max |Δ| {num(diff['max_abs'].get(key))}")
+        t.add_row(
+            f"{key} mean ± std",
+            f"{num(tr['mean'])} ± {num(tr['std'])}",
+            f"{num(ev['mean'])} ± {num(ev['std'])}",
+            f"max |Δ| {num(diff['max_abs'].get(key))}",
+        )
     for name, value in u["train"]["loss"].items():
         if name == "semantic" and not kind["weights"]["semantic"]:
             continue  # off for this kind
-        t.add_row(f"loss: {name}", num(value), num(u["eval"]["loss"][name]),
-                  num(diff["loss"][name]))
+        t.add_row(
+            f"loss: {name}", num(value), num(u["eval"]["loss"][name]), num(diff["loss"][name])
+        )
     return t
 
 
@@ -420,8 +526,11 @@ def _dx_kl_terms(kind: dict[str, Any]) -> Table:
         f"KL per sample = −½ Σ_z (sum of the four) = {num(check['kl_per_sample_mean_from_terms'])}"
         f"; loss library {num(check['kl_per_sample_mean'])}; |Δ| {num(check['abs_difference'])}"
     )
-    t = _dx_table("KL term by term, over samples × latents",
-              ["term", "formula", "mean", "std", "min", "max"], caption)
+    t = _dx_table(
+        "KL term by term, over samples × latents",
+        ["term", "formula", "mean", "std", "min", "max"],
+        caption,
+    )
     for name, formula in _DX_KL_FORMULAS.items():
         s = terms[name]
         t.add_row(name, formula, num(s["mean"]), num(s["std"]), num(s["min"]), num(s["max"]))
@@ -436,18 +545,27 @@ def _dx_latent(kind: dict[str, Any]) -> Table:
         f"; KL total {num(h['kl_total'])} nats; free bits (λ = {h['free_bits_lambda']:g}) "
         f"{num(h['free_bits'])}" + ("; [bold red]posterior collapsed[/]" if h["collapsed"] else "")
     )
-    t = _dx_table("KL per latent dimension",
-              ["dim", "KL (nats)", "Var μ", "active", "collapsed"], caption)
+    t = _dx_table(
+        "KL per latent dimension", ["dim", "KL (nats)", "Var μ", "active", "collapsed"], caption
+    )
     for j, value in enumerate(kind["kl_per_dim"]):
-        t.add_row(str(j), num(value), num(h["activity"][j]), num(h["active"][j]),
-                  Text("yes", style="yellow") if j in collapsed else "no")
+        t.add_row(
+            str(j),
+            num(value),
+            num(h["activity"][j]),
+            num(h["active"][j]),
+            Text("yes", style="yellow") if j in collapsed else "no",
+        )
     return t
 
 
 def _dx_recon(kind: dict[str, Any]) -> Table:
     rows, more = _dx_cut(list(kind["recon_per_feature"].items()))
-    t = _dx_table("reconstruction error per feature (squared error, mean)",
-              ["feature", "error"], more.lstrip("; ") or None)
+    t = _dx_table(
+        "reconstruction error per feature (squared error, mean)",
+        ["feature", "error"],
+        more.lstrip("; ") or None,
+    )
     for name, value in rows:
         t.add_row(name, num(value))
     return t
@@ -466,45 +584,63 @@ def _dx_gradients(kind: dict[str, Any]) -> Table:
     centred = set(g.get("batch_norm_centred", ()))
     if centred:
         caption += "; bn: the bias feeds batch norm, so its gradient is ~0 by design"
-    t = _dx_table("gradient norms during training (hooks)",
-              ["parameter", "mean ‖g‖", "max ‖g‖", "final ‖g‖", ""], caption + more)
+    t = _dx_table(
+        "gradient norms during training (hooks)",
+        ["parameter", "mean ‖g‖", "max ‖g‖", "final ‖g‖", ""],
+        caption + more,
+    )
     for name, s in rows:
-        t.add_row(name, num(s["mean_norm"]), num(s["max_norm"]), num(s["final_norm"]),
-                  Text("bn", style="dim") if name in centred else "")
+        t.add_row(
+            name,
+            num(s["mean_norm"]),
+            num(s["max_norm"]),
+            num(s["final_norm"]),
+            Text("bn", style="dim") if name in centred else "",
+        )
     return t
 
 
 def _dx_training(kind: dict[str, Any]) -> Table:
     red = kind["reduction"]
-    t = _dx_table(f"training (reduction {red.get('reconstruction', '—')})",
-              ["epoch", "β", "reconstruction", "KL", "semantic", "total", "grad norm", "flags"])
+    t = _dx_table(
+        f"training (reduction {red.get('reconstruction', '—')})",
+        ["epoch", "β", "reconstruction", "KL", "semantic", "total", "grad norm", "flags"],
+    )
     for e in kind["records"]:
         comps = e["components"]
         flags = [f"{n}:{f}" for n, c in comps.items() for f in c["flags"] if f != "off"]
         flags += [f"total:{f}" for f in e["total_flags"]]
-        t.add_row(str(e["epoch"]), num(e["beta"]), num(comps["reconstruction"]["raw"]),
-                  num(comps["kl"]["raw"]),
-                  num(comps["semantic"]["raw"]) if "off" not in comps["semantic"]["flags"]
-                  else Text("off", style="dim"),
-                  num(e["total"]), num(e["grad_norm"]), flags_text(flags))
+        t.add_row(
+            str(e["epoch"]),
+            num(e["beta"]),
+            num(comps["reconstruction"]["raw"]),
+            num(comps["kl"]["raw"]),
+            num(comps["semantic"]["raw"])
+            if "off" not in comps["semantic"]["flags"]
+            else Text("off", style="dim"),
+            num(e["total"]),
+            num(e["grad_norm"]),
+            flags_text(flags),
+        )
     return t
 
 
 def _dx_annealing(kind: dict[str, Any]) -> Table:
     a = kind["annealing"]
-    t = _dx_table(f"{a['schedule']} β annealing {a['min_beta']:g} → {a['max_beta']:g}, "
-                  "fresh model",
-              ["epoch", "β", "reconstruction", "KL", "total"])
+    t = _dx_table(
+        f"{a['schedule']} β annealing {a['min_beta']:g} → {a['max_beta']:g}, fresh model",
+        ["epoch", "β", "reconstruction", "KL", "total"],
+    )
     for e in a["epochs"]:
-        t.add_row(str(e["epoch"]), num(e["beta"]), num(e["reconstruction"]), num(e["kl"]),
-                  num(e["total"]))
+        t.add_row(
+            str(e["epoch"]), num(e["beta"]), num(e["reconstruction"]), num(e["kl"]), num(e["total"])
+        )
     return t
 
 
 @renderer("debug-extended")
 def render_debug_extended(result: dict[str, Any]) -> None:
-    scenario = result.get("scenario", "healthy")
-    render_header(result, "" if scenario == "healthy" else f"  scenario [bold]{scenario}[/]")
+    render_header(result)
     for kind in result["kinds"]:
         data = kind["data"]
         w = kind["weights"]
@@ -514,8 +650,16 @@ def render_debug_extended(result: dict[str, Any]) -> None:
             f"{w['reconstruction']:g}/{w['kl']:g}/{w['semantic']:g}"
             + ("" if kind["agent_layout"] else " (semantic off: not agent states)")
         )
-        for draw in (_dx_parameters, _dx_untrained, _dx_training, _dx_gradients,
-                     _dx_kl_terms, _dx_latent, _dx_recon, _dx_annealing):
+        for draw in (
+            _dx_parameters,
+            _dx_untrained,
+            _dx_training,
+            _dx_gradients,
+            _dx_kl_terms,
+            _dx_latent,
+            _dx_recon,
+            _dx_annealing,
+        ):
             out.print(draw(kind))
         out.print(f"[dim]{kind['measured_on']}[/]")
         out.print(f"findings: {', '.join(kind['findings']) or 'none'}")

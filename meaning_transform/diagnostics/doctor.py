@@ -139,7 +139,9 @@ class Doctor:
             if not torch.isfinite(t.detach()).all():
                 return  # the non-finite rules report this step; no attribution on NaN
             terms[name] = t
-            weights[name] = float(weights_in.get(name, 1.0))
+            # a sub-term "semantic/role" enters the total through its parent's weight
+            parent = name.split("/")[0]
+            weights[name] = float(weights_in.get(name, weights_in.get(parent, 1.0)))
         if not terms or not any(t.requires_grad for t in terms.values()):
             return
         total_of = tuple(n for n in terms if "/" not in n)

@@ -1,0 +1,269 @@
+"""Per-loss-term gradient attribution: which term actually moves the weights.
+
+A loss term can dominate the loss value and still contribute nothing to the update (the
+original hard-threshold semantic term had no gradient path at all). For each term t_i we
+take its own gradient g_i = d t_i / d theta over all parameters and report:
+
+- ``norm``            ||g_i||                     (unweighted)
+- ``weighted_norm``   ||w_i g_i|| = |w_i| ||g_i||
+- ``share``           <w_i g_i, g> / ||g||^2, with g = sum over ``total_of`` of w_i g_i.
+  This is the fraction of the total gradient that lies along term i's contribution
+  (its projection share). Over the ``total_of`` terms the shares sum to exactly 1; a share
+  can be negative (the term pulls against the total) or above 1 (others cancel it).
+  Sub-terms such as ``"semantic/position"`` get the same projection share with their own
+  weight (1.0 unless given); they are parts of a total term and do not add to the sum.
+- ``cosine``          cos(g_i, g_j); 0.0 when either norm is 0 (reported in
+  ``zero_gradient``), so the matrix is NaN-free for finite gradients. PCGrad (Yu et al.
+  2020) calls two terms conflicting when the cosine is < 0: see ``conflicts``.
+
+Everything is reduced on the device to a k x k Gram matrix G_ij = <g_i, g_j> (accumulated
+parameter by parameter, in float64 except on MPS) and copied to the host once.
+
+Two ways to get the g_i: ``"batched"`` — one ``torch.autograd.grad`` call over the stacked
+terms with ``is_grads_batched=True`` (vmap over the backward), falling back to ``"loop"``
+— one ``torch.autograd.grad`` per term — when an op has no batching rule.
+
+With ``write_grad=True`` the combined gradient sum w_i g_i is added to ``param.grad``,
+exactly what ``total.backward()`` would have accumulated, so a training step that wants
+attribution does NOT pay for a second backward pass: attribute, then ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Method = Literal["batched", "loop"]
+METHODS: tuple[str, ...] = ("batched", "loop")
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Per-term gradient attribution at one step (plain host floats, JSON-friendly).
+
+    ``cosine[a][b]`` is cos(g_a, g_b) for every pair including a == b (1.0, or 0.0 for a
+    term with zero gradient). ``zero_gradient`` names the terms whose gradient is exactly
+    zero for every parameter (no gradient path, or a path that carries nothing);
+    ``detached`` is the subset whose tensor does not require grad at all.
+    """
+
+    terms: tuple[str, ...]
+    weights: dict[str, float]
+    total_of: tuple[str, ...]
+    norm: dict[str, float]
+    weighted_norm: dict[str, float]
+    share: dict[str, float]
+    cosine: dict[str, dict[str, float]]
+    total_norm: float  # ||sum over total_of of w_i g_i||
+    method: Method  # the method that produced the numbers (after any fallback)
+    fallback_reason: str | None  # why "batched" fell back to "loop", else None
+    zero_gradient: tuple[str, ...]
+    detached: tuple[str, ...]
+    conflicts: tuple[tuple[str, str], ...]  # pairs with cosine < 0 (PCGrad)
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain, JSON-friendly data (tuples become lists)."""
+        return asdict(self)
+
+
+def _named_params(
+    params: nn.Module | Iterable[tuple[str, Tensor]],
+) -> list[tuple[str, Tensor]]:
+    items = params.named_parameters() if isinstance(params, nn.Module) else params
+    seen: set[int] = set()
+    out = []
+    for name, p in items:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append((name, p))
+    if not out:
+        raise ValueError("expected at least one parameter that requires grad, got none")
+    return out
+
+
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def _batched_grads(terms: list[Tensor], params: list[Tensor]) -> list[Tensor | None]:
+    """Per-parameter (k, *shape) gradients of every term, from ONE vmapped backward."""
+    vector = torch.stack(terms)  # (k,)
+    eye = torch.eye(len(terms), dtype=vector.dtype, device=vector.device)  # (k, k)
+    grads = torch.autograd.grad(
+        vector,
+        params,
+        grad_outputs=eye,
+        is_grads_batched=True,
+        retain_graph=True,  # kept so that a failure can still fall back to the loop
+        allow_unused=True,
+    )
+    return list(grads)
+
+
+def _loop_grads(
+    terms: list[Tensor], params: list[Tensor], retain_graph: bool
+) -> list[Tensor | None]:
+    """Per-parameter (k, *shape) gradients of every term, one backward per term."""
+    per_term = [
+        torch.autograd.grad(
+            t,
+            params,
+            retain_graph=retain_graph or i < len(terms) - 1,
+            allow_unused=True,
+        )
+        for i, t in enumerate(terms)
+    ]
+    out: list[Tensor | None] = []
+    for j, p in enumerate(params):
+        column = [g[j] for g in per_term]
+        if all(g is None for g in column):
+            out.append(None)
+        else:
+            out.append(torch.stack([torch.zeros_like(p) if g is None else g for g in column]))
+    return out
+
+
+def term_attribution(
+    terms: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    params: nn.Module | Iterable[tuple[str, Tensor]],
+    method: Method = "batched",
+    retain_graph: bool = True,
+    total_of: tuple[str, ...] | None = None,
+    write_grad: bool = False,
+) -> Attribution:
+    """Attribute the total gradient to the loss terms that produced it.
+
+    Args:
+        terms: name -> unweighted scalar loss term, still attached to the graph.
+        weights: name -> weight w_i. Required for every term in ``total_of``; others
+            (sub-terms) default to 1.0.
+        params: a module (its trainable parameters) or ``(name, parameter)`` pairs.
+        method: ``"batched"`` (vmapped backward, falls back to ``"loop"`` if an op has no
+            batching rule; the result's ``method`` says which ran) or ``"loop"``.
+        retain_graph: keep the graph for a later backward. ``"batched"`` always retains
+            it during its attempt so that it can fall back.
+        total_of: the terms whose weighted sum is the total. Default: every term whose
+            name has no ``"/"`` (``"semantic/position"`` is part of ``"semantic"``).
+        write_grad: add sum over ``total_of`` of w_i g_i to ``param.grad`` (accumulating,
+            as ``backward()`` does), so the step needs no second backward. Parameters that
+            no term reaches are left untouched, as ``backward()`` leaves them.
+
+    Returns:
+        An :class:`Attribution`; one host copy.
+
+    Example:
+        >>> out = loss_fn(model(x), x)
+        >>> terms = {"recon": out["reconstruction_loss"], "kl": out["kl_loss"]}
+        >>> att = term_attribution(terms, {"recon": 1.0, "kl": beta}, model, write_grad=True)
+        >>> optimizer.step()  # uses the gradient attribution wrote
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    names = tuple(terms)
+    if not names:
+        raise ValueError("expected at least one loss term, got none")
+    for name, t in terms.items():
+        if t.dim() != 0:
+            raise ValueError(f"expected a scalar loss term {name!r}, got shape {tuple(t.shape)}")
+    total_names = tuple(n for n in names if "/" not in n) if total_of is None else tuple(total_of)
+    unknown = [n for n in total_names if n not in terms]
+    if unknown:
+        raise ValueError(f"total_of names terms that were not given: {', '.join(unknown)}")
+    unweighted = [n for n in total_names if n not in weights]
+    if unweighted:
+        raise ValueError(f"missing weights for terms in the total: {', '.join(unweighted)}")
+    w = {n: float(weights.get(n, 1.0)) for n in names}
+
+    named = _named_params(params)
+    plist = [p for _, p in named]
+    connected = [i for i, n in enumerate(names) if terms[n].requires_grad]
+    k, kc = len(names), len(connected)
+    device = plist[0].device
+    acc = _acc_dtype(device)
+
+    grads: list[Tensor | None] = [None] * len(plist)
+    used: Method = method
+    fallback_reason = None
+    if kc:
+        live = [terms[names[i]] for i in connected]
+        dtype = torch.promote_types(live[0].dtype, torch.float32)
+        for t in live[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        live = [t.to(dtype) for t in live]
+        if method == "batched":
+            try:
+                grads = _batched_grads(live, plist)
+            except RuntimeError as err:  # an op without a vmap batching rule
+                used = "loop"
+                fallback_reason = str(err).strip().splitlines()[0] if str(err) else repr(err)
+        if used == "loop":
+            grads = _loop_grads(live, plist, retain_graph)
+
+    # Gram matrix of the connected terms' gradients, accumulated parameter by parameter.
+    gram_c = torch.zeros(kc, kc, dtype=acc, device=device)  # (kc, kc)
+    for g in grads:
+        if g is not None:
+            flat = g.reshape(kc, -1).to(device=device, dtype=acc)  # (kc, n_p)
+            gram_c = gram_c + flat @ flat.T
+    gram = torch.zeros(k, k, dtype=acc, device=device)  # (k, k); detached rows stay 0
+    if kc:
+        index = torch.tensor(connected, device=device)
+        gram[index.unsqueeze(1), index.unsqueeze(0)] = gram_c
+
+    wvec = torch.tensor([w[n] for n in names], dtype=acc, device=device)  # (k,)
+    in_total = torch.tensor([n in total_names for n in names], dtype=acc, device=device)
+    w_total = wvec * in_total  # (k,)
+    projected = gram @ w_total  # (k,)  <g_i, g>
+    total_sq = w_total @ projected  # ||g||^2
+    share = torch.where(total_sq > 0, wvec * projected / total_sq, torch.zeros_like(projected))
+    norms = gram.diagonal().clamp(min=0).sqrt()  # (k,)
+    denom = norms.unsqueeze(1) * norms.unsqueeze(0)  # (k, k)
+    cosine = torch.where(denom > 0, gram / denom, torch.zeros_like(gram)).clamp(-1.0, 1.0)
+    cosine.diagonal().copy_((norms > 0).to(acc))  # exactly 1 (or 0), not 1 - 2e-16
+    packed = torch.cat([norms, share, cosine.flatten(), total_sq.clamp(min=0).sqrt().reshape(1)])
+    host = packed.cpu().tolist()  # the one host copy
+
+    if write_grad and kc:
+        _write_total_grad(grads, plist, [w_total[i] for i in connected])
+
+    norm_h = dict(zip(names, host[:k], strict=True))
+    cos_flat = host[2 * k : 2 * k + k * k]
+    cos_h = {a: {b: cos_flat[i * k + j] for j, b in enumerate(names)} for i, a in enumerate(names)}
+    return Attribution(
+        terms=names,
+        weights=w,
+        total_of=total_names,
+        norm=norm_h,
+        weighted_norm={n: abs(w[n]) * norm_h[n] for n in names},
+        share=dict(zip(names, host[k : 2 * k], strict=True)),
+        cosine=cos_h,
+        total_norm=host[-1],
+        method=used,
+        fallback_reason=fallback_reason,
+        zero_gradient=tuple(n for n in names if norm_h[n] == 0.0),
+        detached=tuple(n for i, n in enumerate(names) if i not in connected),
+        conflicts=tuple(
+            (a, b) for i, a in enumerate(names) for b in names[i + 1 :] if cos_h[a][b] < 0.0
+        ),
+    )
+
+
+def _write_total_grad(
+    grads: list[Tensor | None], params: list[Tensor], w_connected: list[Tensor]
+) -> None:
+    """``param.grad += sum_i w_i g_i`` over the connected terms (weights 0 outside the total)."""
+    weights = torch.stack(w_connected)  # (kc,)
+    for g, p in zip(grads, params, strict=True):
+        if g is None:
+            continue
+        w = weights.to(device=g.device, dtype=g.dtype)  # (kc,)
+        combined = torch.tensordot(w, g, dims=1)  # (*shape)
+        if p.grad is None:
+            p.grad = combined.detach().clone()
+        else:
+            p.grad.add_(combined)
