@@ -139,7 +139,6 @@ DEAD_RELU = 0.7  # fraction of a layer's units never active
 DOMINANCE = 100.0  # one term's weighted gradient norm over another's
 NO_GRAD_RELATIVE = 1e-8  # a term's gradient norm relative to its value: "none"
 NO_GRAD_MIN_VALUE = 1e-4  # ... judged only for a term worth at least this
-NO_GRAD_MIN_SHARE = 1e-3  # ... and this fraction of the largest term
 SCALE_IMBALANCE = 1e3  # largest / smallest weighted term value
 PLATEAU_IMPROVEMENT = 0.01  # total must fall by 1% between first and last epoch
 OSC_RISE = 0.05  # an epoch total more than 5% above the previous one is a rise ...
@@ -265,10 +264,9 @@ def no_grad_path(ev: RunEvidence) -> list[Finding]:
         ratios = []
         for att, values in zip(ev.attributions, ev.term_values, strict=False):
             value = abs(values.get(name, 0.0))
-            largest = max((abs(v) for v in values.values()), default=0.0)
-            # only a term holding a real part of the loss: a saturated, near-zero term
-            # (e.g. a BCE at its clamp) has no gradient because it has nothing to learn
-            if value > NO_GRAD_MIN_VALUE and value > NO_GRAD_MIN_SHARE * largest:
+            # only a term with something to learn: a saturated, near-zero term (e.g. a
+            # BCE at its 1e-6 clamp) has no gradient because it is already right
+            if value > NO_GRAD_MIN_VALUE:
                 ratios.append(att.norm.get(name, 0.0) / value)
         if ratios and max(ratios) <= NO_GRAD_RELATIVE:
             value = ev.term_values[-1].get(name, math.nan)
