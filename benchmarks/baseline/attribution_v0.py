@@ -1,3 +1,5 @@
+# Frozen copy of meaning_transform/diagnostics/attribution.py before the speed work
+# (see benchmarks/baseline/__init__.py). Do not edit; not imported by the package.
 """Per-loss-term gradient attribution: which term actually moves the weights.
 
 A loss term can dominate the loss value and still contribute nothing to the update (the

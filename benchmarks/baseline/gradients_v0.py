@@ -1,3 +1,5 @@
+# Frozen copy of meaning_transform/diagnostics/gradients.py before the speed work
+# (see benchmarks/baseline/__init__.py). Do not edit; not imported by the package.
 """Per-parameter gradient statistics, reduced on the device and copied to the host once.
 
 Three ways in, one result type (:class:`GradientSnapshot`):

@@ -16,16 +16,24 @@ take its own gradient g_i = d t_i / d theta over all parameters and report:
   ``zero_gradient``), so the matrix is NaN-free for finite gradients. PCGrad (Yu et al.
   2020) calls two terms conflicting when the cosine is < 0: see ``conflicts``.
 
-Everything is reduced on the device to a k x k Gram matrix G_ij = <g_i, g_j> (accumulated
-parameter by parameter, in float64 except on MPS) and copied to the host once.
+Everything is reduced on the device to a k x k Gram matrix G_ij = <g_i, g_j> (one dot
+product per parameter and pair, accumulated over parameters in float64 except on MPS; small
+parameters are stacked and multiplied in float64 instead) and copied to the host once.
 
-Two ways to get the g_i: ``"batched"`` — one ``torch.autograd.grad`` call over the stacked
-terms with ``is_grads_batched=True`` (vmap over the backward), falling back to ``"loop"``
-— one ``torch.autograd.grad`` per term — when an op has no batching rule.
+Two ways to get the g_i: ``"loop"`` — one ``torch.autograd.grad`` per term on the retained
+graph — and ``"batched"`` — one call over the stacked terms with ``is_grads_batched=True``
+(vmap over the backward), falling back to ``"loop"`` when an op has no batching rule.
+On a CPU, "loop" is the faster of the two for an MLP: autograd prunes what a term does not
+reach (the KL term never enters the decoder), while the vmapped backward pushes every
+term's cotangent, zero or not, through the whole graph, and batching the matrix products
+buys nothing on 2 cores. On an accelerator with a small model, where a backward is bound
+by kernel launches, "batched" can win. ``docs/benchmarks.md`` has the numbers.
 
 With ``write_grad=True`` the combined gradient sum w_i g_i is added to ``param.grad``,
 exactly what ``total.backward()`` would have accumulated, so a training step that wants
 attribution does NOT pay for a second backward pass: attribute, then ``optimizer.step()``.
+Per-term gradients are never stacked or copied to float64 wholesale: a multi-megabyte
+temporary per step costs more in page faults than the arithmetic it feeds.
 """
 
 from __future__ import annotations
@@ -89,8 +97,12 @@ def _acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
 
 
-def _batched_grads(terms: list[Tensor], params: list[Tensor]) -> list[Tensor | None]:
-    """Per-parameter (k, *shape) gradients of every term, from ONE vmapped backward."""
+PerTerm = list[list[Tensor | None]]  # [term][parameter] -> gradient or None (not reached)
+_SMALL = 1 << 16  # parameters with k * numel up to this are stacked for one float64 GEMM
+
+
+def _batched_grads(terms: list[Tensor], params: list[Tensor]) -> PerTerm:
+    """Every term's gradient w.r.t. every parameter from ONE vmapped backward."""
     vector = torch.stack(terms)  # (k,)
     eye = torch.eye(len(terms), dtype=vector.dtype, device=vector.device)  # (k, k)
     grads = torch.autograd.grad(
@@ -100,31 +112,75 @@ def _batched_grads(terms: list[Tensor], params: list[Tensor]) -> list[Tensor | N
         is_grads_batched=True,
         retain_graph=True,  # kept so that a failure can still fall back to the loop
         allow_unused=True,
-    )
-    return list(grads)
+    )  # per parameter: (k, *shape) or None
+    return [[None if g is None else g[i] for g in grads] for i in range(len(terms))]
 
 
-def _loop_grads(
-    terms: list[Tensor], params: list[Tensor], retain_graph: bool
-) -> list[Tensor | None]:
-    """Per-parameter (k, *shape) gradients of every term, one backward per term."""
-    per_term = [
-        torch.autograd.grad(
-            t,
-            params,
-            retain_graph=retain_graph or i < len(terms) - 1,
-            allow_unused=True,
+def _loop_grads(terms: list[Tensor], params: list[Tensor], retain_graph: bool) -> PerTerm:
+    """Every term's gradient w.r.t. every parameter, one backward per term."""
+    return [
+        list(
+            torch.autograd.grad(
+                t,
+                params,
+                retain_graph=retain_graph or i < len(terms) - 1,
+                allow_unused=True,
+            )
         )
         for i, t in enumerate(terms)
     ]
-    out: list[Tensor | None] = []
-    for j, p in enumerate(params):
-        column = [g[j] for g in per_term]
-        if all(g is None for g in column):
-            out.append(None)
-        else:
-            out.append(torch.stack([torch.zeros_like(p) if g is None else g for g in column]))
-    return out
+
+
+def _gram(per_term: PerTerm, device: torch.device, acc: torch.dtype) -> Tensor:
+    """(k, k) Gram matrix sum over parameters of <g_a, g_b>, accumulated in ``acc``.
+
+    Large parameters: one BLAS dot product per pair and parameter (no temporary). All the
+    small ones together: each term's small gradients are concatenated (zeros where a term
+    does not reach) into one (k, n_small) matrix, multiplied in ``acc`` with one GEMM.
+    """
+    k = len(per_term)
+    n_params = len(per_term[0]) if per_term else 0
+    small: list[int] = []
+    dots: list[Tensor] = []
+    dot_index: list[tuple[int, int]] = []
+    for j in range(n_params):
+        column = [per_term[a][j] for a in range(k)]
+        reached = [a for a in range(k) if column[a] is not None]
+        if not reached:
+            continue
+        first = column[reached[0]]
+        if k * first.numel() <= _SMALL or first.dtype not in _DOT_DTYPES:  # type: ignore[union-attr]
+            small.append(j)
+            continue
+        flat = {a: column[a].reshape(-1) for a in reached}  # type: ignore[union-attr]
+        for a in reached:
+            for b in reached:
+                if a <= b:
+                    dots.append(torch.dot(flat[a], flat[b]))
+                    dot_index.append((a, b))
+    gram = torch.zeros(k, k, dtype=acc, device=device)
+    if small:
+        rows = []
+        for a in range(k):
+            parts = []
+            for j in small:
+                g = per_term[a][j]
+                like = next(per_term[b][j] for b in range(k) if per_term[b][j] is not None)
+                parts.append((torch.zeros_like(like) if g is None else g).reshape(-1).to(device))
+            rows.append(torch.cat(parts))
+        block = torch.stack(rows).to(acc)  # (k, n_small)
+        gram += block @ block.T
+    if dots:
+        values = torch.stack([d.to(device) for d in dots]).to(acc)  # (n_dots,)
+        rows_i = torch.tensor([a for a, _ in dot_index], device=device)
+        cols_i = torch.tensor([b for _, b in dot_index], device=device)
+        upper = torch.zeros(k, k, dtype=acc, device=device)
+        upper.index_put_((rows_i, cols_i), values, accumulate=True)
+        gram += upper + upper.T - torch.diag(upper.diagonal())
+    return gram
+
+
+_DOT_DTYPES = (torch.float32, torch.float64)
 
 
 def term_attribution(
@@ -186,7 +242,7 @@ def term_attribution(
     device = plist[0].device
     acc = _acc_dtype(device)
 
-    grads: list[Tensor | None] = [None] * len(plist)
+    per_term: PerTerm = []
     used: Method = method
     fallback_reason = None
     if kc:
@@ -197,19 +253,16 @@ def term_attribution(
         live = [t.to(dtype) for t in live]
         if method == "batched":
             try:
-                grads = _batched_grads(live, plist)
+                per_term = _batched_grads(live, plist)
             except RuntimeError as err:  # an op without a vmap batching rule
                 used = "loop"
                 fallback_reason = str(err).strip().splitlines()[0] if str(err) else repr(err)
         if used == "loop":
-            grads = _loop_grads(live, plist, retain_graph)
+            per_term = _loop_grads(live, plist, retain_graph)
 
     # Gram matrix of the connected terms' gradients, accumulated parameter by parameter.
-    gram_c = torch.zeros(kc, kc, dtype=acc, device=device)  # (kc, kc)
-    for g in grads:
-        if g is not None:
-            flat = g.reshape(kc, -1).to(device=device, dtype=acc)  # (kc, n_p)
-            gram_c = gram_c + flat @ flat.T
+    with torch.no_grad():
+        gram_c = _gram(per_term, device, acc)  # (kc, kc)
     gram = torch.zeros(k, k, dtype=acc, device=device)  # (k, k); detached rows stay 0
     if kc:
         index = torch.tensor(connected, device=device)
@@ -229,7 +282,9 @@ def term_attribution(
     host = packed.cpu().tolist()  # the one host copy
 
     if write_grad and kc:
-        _write_total_grad(grads, plist, [w_total[i] for i in connected])
+        total_w = [w[names[i]] if names[i] in total_names else 0.0 for i in connected]
+        with torch.no_grad():
+            _write_total_grad(per_term, plist, total_w)
 
     norm_h = dict(zip(names, host[:k], strict=True))
     cos_flat = host[2 * k : 2 * k + k * k]
@@ -253,17 +308,27 @@ def term_attribution(
     )
 
 
-def _write_total_grad(
-    grads: list[Tensor | None], params: list[Tensor], w_connected: list[Tensor]
-) -> None:
-    """``param.grad += sum_i w_i g_i`` over the connected terms (weights 0 outside the total)."""
-    weights = torch.stack(w_connected)  # (kc,)
-    for g, p in zip(grads, params, strict=True):
-        if g is None:
-            continue
-        w = weights.to(device=g.device, dtype=g.dtype)  # (kc,)
-        combined = torch.tensordot(w, g, dims=1)  # (*shape)
-        if p.grad is None:
-            p.grad = combined.detach().clone()
-        else:
-            p.grad.add_(combined)
+def _write_total_grad(per_term: PerTerm, params: list[Tensor], weights: list[float]) -> None:
+    """``param.grad += sum_i w_i g_i`` over the connected terms (weights 0 outside the total).
+
+    Parameters are grouped by which terms reach them; each group is combined with one
+    ``_foreach_mul`` and one ``_foreach_add_`` per further term. A parameter that some
+    term reaches but none with a nonzero weight gets zeros added, as ``backward()`` of the
+    total would; one that no term reaches is left untouched.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j in range(len(params)):
+        reached = tuple(i for i in range(len(weights)) if per_term[i][j] is not None)
+        if reached:
+            groups.setdefault(reached, []).append(j)
+    for reached, index in groups.items():
+        first, rest = reached[0], [i for i in reached[1:] if weights[i] != 0.0]
+        combined = list(torch._foreach_mul([per_term[first][j] for j in index], weights[first]))
+        for i in rest:
+            torch._foreach_add_(combined, [per_term[i][j] for j in index], alpha=weights[i])
+        for j, c in zip(index, combined, strict=True):
+            p = params[j]
+            if p.grad is None:
+                p.grad = c
+            else:
+                p.grad.add_(c)
