@@ -53,9 +53,10 @@ def main() -> None:
         code = app(standalone_mode=False)
     except usage_error as e:
         where = e.ctx.command_path if e.ctx is not None else "mtx"
-        message = " ".join(e.format_message().split())
-        if not message:  # a bare ``mtx``: the help was shown, nothing went wrong
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare ``mtx``: show the help
+            print(e.ctx.get_help() if e.ctx is not None else "")
             sys.exit(0)
+        message = " ".join(e.format_message().split())
         print(f"error: {message} (see '{where} --help')", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
