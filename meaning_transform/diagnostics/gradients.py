@@ -476,8 +476,12 @@ def _snapshot(
     step: int | None,
     detail: str,
     ends: _EndsCache,
+    registered: list[tuple[str, nn.Parameter]] | None = None,
 ) -> GradientSnapshot:
-    named = _trainable(model)
+    if registered is None:
+        named = _trainable(model)
+    else:  # the monitor's cached parameter list: skip frozen ones, as _trainable does
+        named = [(name, p) for name, p in registered if p.requires_grad]
     if not named:
         return _assemble([], [], [], ends(model, named), detail, step)
     grads = [None if p.grad is None else _dense(p.grad) for _, p in named]
@@ -546,6 +550,9 @@ class GradientMonitor:
         self._before: dict[str, Tensor] | None = None
         self._pending = False  # an after_backward() waiting for its after_step()
         self._ends = _EndsCache()
+        # Walking the module tree costs about as much as a reduction: do it once. Parameters
+        # registered after construction are not monitored (as with GradientHooks).
+        self._registered = list(model.named_parameters())
 
     def before_step(self) -> None:
         """Copy the current weights (only when ``track_updates``) to measure the update."""
@@ -556,7 +563,7 @@ class GradientMonitor:
         """Snapshot ``.grad`` now (after ``loss.backward()``, before ``optimizer.step()``)."""
         if self.track_updates and self._before is None:
             self.before_step()
-        snapshot = _snapshot(self.model, None, self.step, self.detail, self._ends)
+        snapshot = _snapshot(self.model, None, self.step, self.detail, self._ends, self._registered)
         self.history.append(snapshot)
         self._pending = True
         return snapshot
@@ -587,12 +594,16 @@ class GradientMonitor:
 class GradientHooks:
     """Capture gradient statistics from inside ``backward()`` with hooks; remove them on exit.
 
-    A post-accumulate-grad hook on every trainable parameter computes that parameter's
-    statistics on the device as soon as its ``.grad`` is written; a callback queued on
-    the autograd engine closes the record when the backward pass ends. Nothing crosses
-    to the host during training: ``history`` copies every pending record in one go when
-    read. One :class:`GradientSnapshot` per ``backward()`` call; ``missing`` lists the
-    parameters whose gradient that backward did not produce.
+    A post-accumulate-grad hook on every trainable parameter notes that parameter's
+    ``.grad`` as soon as it is written; a callback queued on the autograd engine computes
+    the statistics of all of them together (the same reductions as
+    :func:`gradient_snapshot`, on the device) when the backward pass ends. Nothing crosses
+    to the host during training on an accelerator: ``history`` copies every pending record
+    in one go when read (on the CPU, where a host read costs nothing, the end-of-pass
+    callback reads whether any gradient is non-finite, to count NaN/Inf only then). One
+    :class:`GradientSnapshot` per ``backward()`` call; ``missing`` lists the parameters
+    whose gradient that backward did not produce. A backward that raised before its end
+    is closed when the next one starts, from the gradients it had written.
 
     Post-accumulate hooks (not ``Tensor.register_hook``) so that the statistics describe
     ``.grad`` — what the optimizer will use — and so that ``torch.autograd.grad`` calls
@@ -662,7 +673,7 @@ class GradientHooks:
         return hook
 
     def _end_backward(self) -> None:
-        """Runs once when the backward pass that fired the hooks finishes (no host sync)."""
+        """Runs once when the backward pass that fired the hooks finishes."""
         self._callback_queued = False
         if not self._current:
             return
