@@ -1,6 +1,6 @@
 """mtx: a command-line doctor for VAE training losses and gradients.
 
-Importing this package is cheap on purpose: it must not import torch, so that
+Importing this package is cheap on purpose: it imports no numerical library, so that
 ``mtx --help`` answers instantly. Import ``meaning_transform.losses`` for the loss library.
 """
 

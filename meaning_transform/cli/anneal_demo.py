@@ -97,13 +97,10 @@ def anneal_demo(
             )
 
         from meaning_transform.studies.anneal import run_anneal
-        from meaning_transform.studies.setup import get_data
         from meaning_transform.training import BetaSchedule
 
         beta_schedule = BetaSchedule(schedule, min_beta, max_beta, cycles, ratio)
-        factory, fault = common.model_and_scenario(model, scenario)
-        dataset = get_data(data, seed=seed, scenario=fault)
-        factory = common.checked_factory(factory, dataset, seed, model)
+        dataset, factory, fault = common.prepare(opts, model, scenario)
         train_config = common.train_config(opts)
         with common.progress("training", total=epochs, enabled=not json) as tick:
             result = run_anneal(

@@ -91,16 +91,8 @@ def check_grads(
             raise common.UsageProblem(f"--clip must be a positive number, got {clip}")
 
         from meaning_transform.studies.check_grads import run_check_grads
-        from meaning_transform.studies.setup import get_data
 
-        factory, fault = common.model_and_scenario(model, scenario)
-        dataset = get_data(data, seed=seed, scenario=fault)
-        factory = common.checked_factory(factory, dataset, seed, model)
-        if semantic_weight and not dataset.agent_layout:
-            raise common.UsageProblem(
-                f"--semantic-weight needs the agent-state layout (10 features per row), "
-                f"the data has {dataset.n_features}; use --semantic-weight 0"
-            )
+        dataset, factory, fault = common.prepare(opts, model, scenario, semantic_weight)
         train_config = common.train_config(opts, clip_grad_norm=clip)
         with common.progress("training", total=epochs, enabled=not json) as tick:
             result = run_check_grads(

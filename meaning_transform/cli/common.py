@@ -315,3 +315,27 @@ def checked_factory(factory: Any, dataset: Any, seed: int, spec: str | None) -> 
 
     check_model(factory(dataset.n_features, seed), dataset.tensor, spec or "--model")
     return factory
+
+
+def prepare(
+    opts: CommonOptions,
+    model_spec: str | None,
+    scenario_name: str,
+    semantic_weight: float | None = None,
+) -> tuple[Any, Any, Any]:
+    """Resolve --model/--scenario, load or make the data, check the model on it.
+
+    Returns ``(dataset, model_factory or None, scenario or None)``. An explicit
+    ``semantic_weight`` > 0 needs the 10-feature agent-state layout.
+    """
+    from meaning_transform.studies.setup import get_data
+
+    factory, scenario = model_and_scenario(model_spec, scenario_name)
+    dataset = get_data(opts.data, seed=opts.seed, scenario=scenario)
+    factory = checked_factory(factory, dataset, opts.seed, model_spec)
+    if semantic_weight and not dataset.agent_layout:
+        raise UsageProblem(
+            f"--semantic-weight needs the agent-state layout (10 features per row), "
+            f"the data has {dataset.n_features}; use --semantic-weight 0"
+        )
+    return dataset, factory, scenario

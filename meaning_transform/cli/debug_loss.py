@@ -77,7 +77,6 @@ def debug_loss(
                 common.non_negative(name, value)
 
         from meaning_transform.studies.debug_loss import PRESETS, WeightConfig, run_debug_loss
-        from meaning_transform.studies.setup import get_data
 
         if (kl_weight, recon_weight, semantic_weight) == (None, None, None):
             configs = PRESETS
@@ -91,14 +90,7 @@ def debug_loss(
                     base.semantic if semantic_weight is None else semantic_weight,
                 ),
             )
-        factory, fault = common.model_and_scenario(model, scenario)
-        dataset = get_data(data, seed=seed, scenario=fault)
-        factory = common.checked_factory(factory, dataset, seed, model)
-        if semantic_weight and not dataset.agent_layout:
-            raise common.UsageProblem(
-                f"--semantic-weight needs the agent-state layout (10 features per row), "
-                f"the data has {dataset.n_features}; use --semantic-weight 0"
-            )
+        dataset, factory, fault = common.prepare(opts, model, scenario, semantic_weight)
         train_config = common.train_config(opts)
         with common.progress("training", total=epochs * len(configs), enabled=not json) as tick:
             result = run_debug_loss(
