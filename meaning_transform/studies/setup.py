@@ -18,9 +18,10 @@ from torch import nn
 from meaning_transform.data import N_FEATURES, DataError, generate, load_data
 from meaning_transform.diagnostics.doctor import Doctor
 from meaning_transform.diagnostics.findings import Finding
+from meaning_transform.diagnostics.rules import evaluate
 from meaning_transform.losses import CombinedLoss
 from meaning_transform.model import MeaningVAE
-from meaning_transform.scenarios import SCENARIOS, Scenario
+from meaning_transform.scenarios import Scenario
 from meaning_transform.training import COMPONENTS, EpochRecord, TrainConfig, TrainResult, train
 
 DEFAULT_SAMPLES = 512
@@ -153,18 +154,12 @@ def diagnose_training(
         result = train(model, loss_fn, data, config, callbacks=(doctor, *callbacks),
                        on_epoch=on_epoch)
     evidence = doctor.evidence(result.records, data=data, batch_size=result.batch_size)
-    from meaning_transform.diagnostics.rules import evaluate
-
     return Diagnosed(
         result=result,
         findings=evaluate(evidence),
         attribution=doctor.summary(),
         latent=evidence.latent.as_dict() if evidence.latent is not None else None,
     )
-
-
-def scenario_names() -> tuple[str, ...]:
-    return tuple(SCENARIOS)
 
 
 def component_rows(record: EpochRecord) -> dict[str, dict[str, Any]]:
