@@ -14,17 +14,32 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FAIL_ON = ("never", "error", "warning")
 
-# Piped output gets 120 columns rather than Rich's 80, so tables stay readable in CI logs.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, highlight=False)
+_consoles: dict[str, Console] = {}
+
+
+def console(stderr: bool = False) -> Console:
+    """The shared Rich console for stdout (or stderr), built on first use.
+
+    Built lazily because importing Rich costs about 25 ms that ``mtx --help`` does not need.
+    Piped stdout gets 120 columns rather than Rich's 80, so tables stay readable in CI logs.
+    """
+    key = "err" if stderr else "out"
+    if key not in _consoles:
+        from rich.console import Console
+
+        width = None if stderr or sys.stdout.isatty() else 120
+        _consoles[key] = Console(stderr=stderr, highlight=False, width=width)
+    return _consoles[key]
 
 
 class UsageProblem(ValueError):
@@ -172,7 +187,7 @@ def user_errors_exit() -> Iterator[None]:
 
 
 def fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -197,6 +212,7 @@ def progress(description: str, total: int, enabled: bool = True) -> Iterator[Cal
     """A transient progress bar on stderr; ``advance()`` once per unit of work."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    err = console(stderr=True)
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

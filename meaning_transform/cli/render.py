@@ -14,7 +14,9 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from meaning_transform.cli.common import out
+from meaning_transform.cli.common import console
+
+out = console()
 
 FLAG_STYLE = {
     "non-finite": "bold red",

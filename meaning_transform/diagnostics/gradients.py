@@ -51,7 +51,6 @@ DETAILS: tuple[str, ...] = ("full", "lean")
 # the gradient's entries, from which the host derives mean, std, norm and fractions.
 _SUM, _ABS_SUM, _SQ_SUM, _NONZERO, _MIN, _MAX, _NON_FINITE = range(7)
 _WEIGHT_NORM, _DELTA_NORM, _OLD_NORM, _MEASURED = range(7, 11)
-_GRAD_COLUMNS = 7  # _SUM .. _NON_FINITE: NaN for a parameter without gradient
 _COLUMNS = 11
 
 
@@ -142,20 +141,45 @@ def _linear_ends(model: nn.Module) -> tuple[str | None, str | None]:
     return linear[0], linear[-1]
 
 
-class _EndsCache:
-    """:func:`_linear_ends`, recomputed only when the list of trainable parameters changes."""
+@dataclass(frozen=True)
+class _Layout:
+    """What a snapshot needs besides the numbers, for one list of parameters."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    numels: tuple[int, ...]
+    ends: tuple[str | None, str | None]  # first and last Linear weight (see _linear_ends)
+    ends_index: tuple[int | None, int | None]  # their positions in ``names``
+
+
+class _LayoutCache:
+    """The :class:`_Layout`, rebuilt only when the parameters (or their shapes) change.
+
+    Walking the module tree and reading names and shapes costs about as much as a
+    reduction, so a monitor does it once rather than every step.
+    """
 
     def __init__(self) -> None:
-        self._key: tuple[int, ...] | None = None
-        self._ends: tuple[str | None, str | None] = (None, None)
+        self._key: tuple[tuple[int, torch.Size], ...] | None = None
+        self._layout: _Layout | None = None
 
-    def __call__(
-        self, model: nn.Module, named: list[tuple[str, nn.Parameter]]
-    ) -> tuple[str | None, str | None]:
-        key = tuple(id(p) for _, p in named)
-        if key != self._key:
-            self._key, self._ends = key, _linear_ends(model)
-        return self._ends
+    def __call__(self, model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> _Layout:
+        key = tuple((id(p), p.shape) for _, p in named)
+        if key != self._key or self._layout is None:
+            names = tuple(name for name, _ in named)
+            ends = _linear_ends(model)
+            self._key = key
+            self._layout = _Layout(
+                names=names,
+                shapes=tuple(tuple(p.shape) for _, p in named),
+                numels=tuple(p.numel() for _, p in named),
+                ends=ends,
+                ends_index=(
+                    names.index(ends[0]) if ends[0] in names else None,
+                    names.index(ends[1]) if ends[1] in names else None,
+                ),
+            )
+        return self._layout
 
 
 def _check_detail(detail: str) -> str:
@@ -209,32 +233,41 @@ def _column(values: list[Tensor], acc: torch.dtype) -> Tensor:
     return torch.stack([v.to(acc) for v in values])
 
 
-def _grad_columns(grads: list[Tensor], weights: list[Tensor], detail: str) -> Tensor:
-    """(G, _GRAD_COLUMNS + 1) for same-device gradients: the gradient columns + weight norm.
+def _grad_columns(grads: list[Tensor], weights: list[Tensor], detail: str) -> dict[int, Tensor]:
+    """The measured columns of same-device gradients, by column index, each (G,) in acc.
 
     A few reductions per parameter, no temporary larger than one gradient (a multi-MB
-    temporary per step faults in fresh pages every time). Columns that ``detail="lean"``
-    skips are NaN; ``_NON_FINITE`` is 0 here and filled in by :func:`_fill_non_finite`.
+    temporary per step faults in fresh pages every time). ``detail="lean"`` measures
+    ``_SQ_SUM`` and ``_NONZERO`` only; full detail adds the sum, the absolute sum, min,
+    max and the weight norm. Columns not returned are NaN in the block, except
+    ``_NON_FINITE``, which is 0 here and filled in by :func:`_fill_non_finite`.
     """
     acc = _acc_dtype(grads[0])
     flats = [g.reshape(-1) for g in grads]
-    device = grads[0].device
-    nan = torch.full((len(grads),), math.nan, dtype=acc, device=device)
-    square = _column([_square_sum(v) for v in flats], acc)
-    nonzero = _column([torch.count_nonzero(v) for v in flats], acc)
-    if detail == "lean":
-        total, absolute, low, high, weight = nan, nan, nan, nan, nan
-    else:
-        total = _column([v.sum() for v in flats], acc)
-        absolute = _column([v.abs().sum() for v in flats], acc)
+    columns = {
+        _SQ_SUM: _column([_square_sum(v) for v in flats], acc),
+        _NONZERO: _column([torch.count_nonzero(v) for v in flats], acc),
+    }
+    if detail == "full":
         zero = flats[0].new_zeros(())
         pairs = [torch.aminmax(v) if v.numel() else (zero, zero) for v in flats]
-        low = _column([lo for lo, _ in pairs], acc)
-        high = _column([hi for _, hi in pairs], acc)
-        weight = _column([_square_sum(w.reshape(-1)) for w in weights], acc).sqrt()
-    zeros = torch.zeros_like(nan)
-    # (G, 8): _SUM, _ABS_SUM, _SQ_SUM, _NONZERO, _MIN, _MAX, _NON_FINITE, _WEIGHT_NORM
-    return torch.stack([total, absolute, square, nonzero, low, high, zeros, weight], dim=1)
+        columns[_SUM] = _column([v.sum() for v in flats], acc)
+        columns[_ABS_SUM] = _column([v.abs().sum() for v in flats], acc)
+        columns[_MIN] = _column([lo for lo, _ in pairs], acc)
+        columns[_MAX] = _column([hi for _, hi in pairs], acc)
+        columns[_WEIGHT_NORM] = _column([_square_sum(w.reshape(-1)) for w in weights], acc).sqrt()
+    return columns
+
+
+def _block(columns: dict[int, Tensor], rows: int, acc: torch.dtype, device: torch.device) -> Tensor:
+    """(rows, _COLUMNS) from measured columns; NaN elsewhere, 0 for the two count columns.
+
+    One ``stack`` (the per-step cost of a lean snapshot is mostly such small ops).
+    """
+    nan = torch.full((rows,), math.nan, dtype=acc, device=device)
+    zero = torch.zeros((rows,), dtype=acc, device=device)
+    fill = {_NON_FINITE: zero, _MEASURED: zero}
+    return torch.stack([columns.get(c, fill.get(c, nan)) for c in range(_COLUMNS)], dim=1)
 
 
 @torch.no_grad()
@@ -250,33 +283,32 @@ def _stat_block(
     ``before[i]``, when given, is the parameter's value before the optimizer step.
     """
     device, acc = params[0].device, _acc_dtype(params[0])
-    weights = [p.detach() for p in params]
+    weights = params  # read under no_grad: no detach needed
+    measure_update = before is not None and any(b is not None for b in before)
     present = [i for i, g in enumerate(grads) if g is not None]
     by_device: dict[torch.device, list[int]] = {}
     for i in present:
         by_device.setdefault(grads[i].device, []).append(i)  # type: ignore[union-attr]
-    blocks = {
-        d: _grad_columns(
+    if len(present) == len(params) and list(by_device) == [device] and not measure_update:
+        # The common case, every gradient on the parameters' device: no scatter, one stack.
+        return _block(_grad_columns(grads, weights, detail), len(params), acc, device)  # type: ignore[arg-type]
+    stats = _block({}, len(params), acc, device)
+    for idx in by_device.values():
+        columns = _grad_columns(
             [grads[i] for i in idx],  # type: ignore[misc]
             [weights[i] for i in idx],
             detail,
-        ).to(device=device, dtype=acc)
-        for d, idx in by_device.items()
-    }
-    if len(present) == len(params) and len(blocks) == 1:
-        stats = next(iter(blocks.values()))  # (P, 8): every parameter has a gradient
-    else:
-        stats = torch.full((len(params), _GRAD_COLUMNS + 1), math.nan, dtype=acc, device=device)
-        for d, idx in by_device.items():
-            stats[torch.tensor(idx, device=device)] = blocks[d]
-        missing = [i for i, g in enumerate(grads) if g is None]
-        if missing and detail == "full":  # the weight norm of parameters without gradient
-            norms = torch.stack(_norms([weights[i] for i in missing]))
-            stats[torch.tensor(missing, device=device), _WEIGHT_NORM] = norms.to(device, acc)
-    if before is None or all(b is None for b in before):
-        update = torch.tensor([math.nan, math.nan, 0.0], dtype=acc, device=device)
-        return torch.cat([stats, update.expand(len(params), 3)], dim=1)  # (P, _COLUMNS)
-    return torch.cat([stats, _update_columns(weights, before, device, acc)], dim=1)
+        )
+        index = torch.tensor(idx, device=device)
+        for c, values in columns.items():
+            stats[index, c] = values.to(device=device, dtype=acc)
+    missing = [i for i, g in enumerate(grads) if g is None]
+    if missing and detail == "full":  # the weight norm of parameters without gradient
+        norms = torch.stack(_norms([weights[i] for i in missing]))
+        stats[torch.tensor(missing, device=device), _WEIGHT_NORM] = norms.to(device, acc)
+    if measure_update:
+        stats[:, _DELTA_NORM:] = _update_columns(weights, before, device, acc)  # type: ignore[arg-type]
+    return stats
 
 
 @torch.no_grad()
@@ -353,15 +385,11 @@ def _update_ratio(row: list[float]) -> float | None:
 
 
 def _param_stats(
-    name: str, p: Tensor, row: list[float], has_grad: bool, detail: str
+    name: str, shape: tuple[int, ...], n: int, row: list[float], has_grad: bool, full: bool
 ) -> ParamGradStats:
-    n = p.numel()
-    full = detail == "full"
     weight_norm = row[_WEIGHT_NORM] if full else None
     if not has_grad:
-        return ParamGradStats(
-            name, tuple(p.shape), n, False, *([None] * 8), weight_norm, _update_ratio(row)
-        )
+        return ParamGradStats(name, shape, n, False, *([None] * 8), weight_norm, _update_ratio(row))
     square = row[_SQ_SUM]
     norm = math.sqrt(square) if square >= 0 else math.nan  # NaN stays NaN
     zero_fraction = (n - row[_NONZERO]) / n if n else 0.0
@@ -376,21 +404,22 @@ def _param_stats(
             var = 0.0
         std = math.sqrt(var) if var > 0 else (var if math.isnan(var) else 0.0)
         low, high = row[_MIN], row[_MAX]
+    # Positional, in field order: this runs for every parameter at every step.
     return ParamGradStats(
-        name=name,
-        shape=tuple(p.shape),
-        numel=n,
-        has_grad=True,
-        norm=norm,
-        mean=mean,
-        abs_mean=abs_mean,
-        std=std,
-        min=low,
-        max=high,
-        zero_fraction=zero_fraction,
-        non_finite=int(row[_NON_FINITE]),
-        weight_norm=weight_norm,
-        update_ratio=_update_ratio(row),
+        name,
+        shape,
+        n,
+        True,
+        norm,
+        mean,
+        abs_mean,
+        std,
+        low,
+        high,
+        zero_fraction,
+        int(row[_NON_FINITE]),
+        weight_norm,
+        _update_ratio(row),
     )
 
 
@@ -405,36 +434,42 @@ def _total_norm(rows: list[list[float]], has_grad: list[bool]) -> float:
 
 
 def _first_last_ratio(
-    stats: dict[str, ParamGradStats], first: str | None, last: str | None
+    params: tuple[ParamGradStats, ...], first: int | None, last: int | None
 ) -> float | None:
     if first is None or last is None or first == last:
         return None
-    a, b = stats[first].norm, stats[last].norm
+    a, b = params[first].norm, params[last].norm
     if a is None or b is None or b == 0.0 or not math.isfinite(b):
         return None
     return a / b
 
 
 def _assemble(
-    named: list[tuple[str, nn.Parameter]],
+    layout: _Layout,
     has_grad: list[bool],
     rows: list[list[float]],
-    ends: tuple[str | None, str | None],
     detail: str,
     step: int | None = None,
 ) -> GradientSnapshot:
+    full = detail == "full"
     params = tuple(
-        _param_stats(name, p, row, flag, detail)
-        for (name, p), row, flag in zip(named, rows, has_grad, strict=True)
+        map(
+            _param_stats,
+            layout.names,
+            layout.shapes,
+            layout.numels,
+            rows,
+            has_grad,
+            [full] * len(rows),
+        )
     )
-    by_name = {s.name: s for s in params}
     return GradientSnapshot(
         params=params,
         total_norm=_total_norm(rows, has_grad),
-        missing=tuple(s.name for s in params if not s.has_grad),
-        first_last_ratio=_first_last_ratio(by_name, *ends),
-        first_layer=ends[0],
-        last_layer=ends[1],
+        missing=tuple(name for name, flag in zip(layout.names, has_grad) if not flag),
+        first_last_ratio=_first_last_ratio(params, *layout.ends_index),
+        first_layer=layout.ends[0],
+        last_layer=layout.ends[1],
         step=step,
         detail=detail,
     )
@@ -467,7 +502,7 @@ def gradient_snapshot(
         >>> snap = gradient_snapshot(model)
         >>> snap.total_norm, snap.missing
     """
-    return _snapshot(model, update_before, None, _check_detail(detail), _EndsCache())
+    return _snapshot(model, update_before, None, _check_detail(detail), _LayoutCache())
 
 
 def _snapshot(
@@ -475,7 +510,7 @@ def _snapshot(
     update_before: dict[str, Tensor] | None,
     step: int | None,
     detail: str,
-    ends: _EndsCache,
+    layouts: _LayoutCache,
     registered: list[tuple[str, nn.Parameter]] | None = None,
 ) -> GradientSnapshot:
     if registered is None:
@@ -483,7 +518,7 @@ def _snapshot(
     else:  # the monitor's cached parameter list: skip frozen ones, as _trainable does
         named = [(name, p) for name, p in registered if p.requires_grad]
     if not named:
-        return _assemble([], [], [], ends(model, named), detail, step)
+        return _assemble(layouts(model, named), [], [], detail, step)
     grads = [None if p.grad is None else _dense(p.grad) for _, p in named]
     before = None
     if update_before:
@@ -491,7 +526,7 @@ def _snapshot(
     rows = _to_host(_stat_block([p for _, p in named], grads, detail, before))
     _fill_non_finite(rows, grads)
     has_grad = [g is not None for g in grads]
-    return _assemble(named, has_grad, rows, ends(model, named), detail, step)
+    return _assemble(layouts(model, named), has_grad, rows, detail, step)
 
 
 def update_ratios(model: nn.Module, before: dict[str, Tensor]) -> dict[str, float | None]:
@@ -549,7 +584,7 @@ class GradientMonitor:
         self.step = 0
         self._before: dict[str, Tensor] | None = None
         self._pending = False  # an after_backward() waiting for its after_step()
-        self._ends = _EndsCache()
+        self._layouts = _LayoutCache()
         # Walking the module tree costs about as much as a reduction: do it once. Parameters
         # registered after construction are not monitored (as with GradientHooks).
         self._registered = list(model.named_parameters())
@@ -563,7 +598,9 @@ class GradientMonitor:
         """Snapshot ``.grad`` now (after ``loss.backward()``, before ``optimizer.step()``)."""
         if self.track_updates and self._before is None:
             self.before_step()
-        snapshot = _snapshot(self.model, None, self.step, self.detail, self._ends, self._registered)
+        snapshot = _snapshot(
+            self.model, None, self.step, self.detail, self._layouts, self._registered
+        )
         self.history.append(snapshot)
         self._pending = True
         return snapshot
@@ -620,7 +657,7 @@ class GradientHooks:
         self.detail = _check_detail(detail)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self._named = _trainable(model)
-        self._ends = _linear_ends(model)
+        self._layout = _LayoutCache()(model, self._named)
         self._current: dict[int, Tensor] = {}  # param index -> its .grad in this backward
         self._unread: list[tuple[list[int], Tensor]] = []  # closed passes: (present, block)
         self._history: list[GradientSnapshot] = []
@@ -695,9 +732,7 @@ class GradientHooks:
             has_grad = [i in present for i in range(per_pass)]
             step = len(self._history)
             pass_rows = rows[k * per_pass : (k + 1) * per_pass]
-            self._history.append(
-                _assemble(self._named, has_grad, pass_rows, self._ends, self.detail, step)
-            )
+            self._history.append(_assemble(self._layout, has_grad, pass_rows, self.detail, step))
         self._unread = []
 
 
