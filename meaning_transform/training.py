@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from meaning_transform.losses.annealing import SCHEDULES, beta_annealing
+from meaning_transform.optim import Adam
 
 COMPONENTS: tuple[str, ...] = ("reconstruction", "kl", "semantic", "compression")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
@@ -110,6 +111,14 @@ class StepContext:
     grad_norm: float = math.nan  # total norm before clipping, set after backward
 
 
+class Optimizer(Protocol):
+    """What :func:`train` needs of an optimizer (``torch.optim`` ones qualify)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self) -> Any: ...
+
+
 class StepCallback(Protocol):
     """Optional hooks; a callback may define any of the three methods.
 
@@ -171,7 +180,7 @@ def train(
     config: TrainConfig,
     callbacks: Sequence[object] = (),
     on_epoch: Callable[[EpochRecord], None] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: Optimizer | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (N, D) and return per-epoch records.
 
@@ -179,6 +188,9 @@ def train(
     ``on_non_finite`` mode it was built with (commands use ``record`` so a NaN
     becomes a finding rather than a crash). A step whose loss or gradient is
     non-finite makes no parameter update and is counted in ``skipped_steps``.
+    Without ``optimizer`` it uses :class:`meaning_transform.optim.Adam` (``torch.optim.Adam``'s
+    arithmetic without its 1 s import of ``torch._dynamo``); any ``torch.optim`` optimizer
+    works too.
     """
     device = resolve_device(config.device)
     model.to(device)
@@ -187,7 +199,7 @@ def train(
     n = data.shape[0]
     batch_size = n if config.batch_size is None else min(config.batch_size, n)
     if optimizer is None:
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        optimizer = Adam(model.parameters(), lr=config.lr)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.clip_grad_norm if config.clip_grad_norm is not None else math.inf
     shuffle = torch.Generator().manual_seed(config.seed)
