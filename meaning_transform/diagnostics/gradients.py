@@ -513,17 +513,23 @@ def _snapshot(
     layouts: _LayoutCache,
     registered: list[tuple[str, nn.Parameter]] | None = None,
 ) -> GradientSnapshot:
-    if registered is None:
-        named = _trainable(model)
-    else:  # the monitor's cached parameter list: skip frozen ones, as _trainable does
-        named = [(name, p) for name, p in registered if p.requires_grad]
+    # One pass over the parameters (this runs every step): the monitor's cached list, or
+    # the model's; frozen parameters are skipped, as _trainable does.
+    named: list[tuple[str, nn.Parameter]] = []
+    params: list[Tensor] = []
+    grads: list[Tensor | None] = []
+    for name, p in model.named_parameters() if registered is None else registered:
+        if p.requires_grad:
+            named.append((name, p))
+            params.append(p)
+            g = p.grad
+            grads.append(g if g is None or not g.is_sparse else g.to_dense())
     if not named:
         return _assemble(layouts(model, named), [], [], detail, step)
-    grads = [None if p.grad is None else _dense(p.grad) for _, p in named]
     before = None
     if update_before:
         before = [update_before.get(name) for name, _ in named]
-    rows = _to_host(_stat_block([p for _, p in named], grads, detail, before))
+    rows = _to_host(_stat_block(params, grads, detail, before))
     _fill_non_finite(rows, grads)
     has_grad = [g is not None for g in grads]
     return _assemble(layouts(model, named), has_grad, rows, detail, step)
