@@ -1,7 +1,7 @@
 """What mtx's gradient diagnostics cost per training step, next to a plain step.
 
-    python benchmarks/bench_overhead.py                 # ~3 min on 2 CPU cores
-    python benchmarks/bench_overhead.py --rounds 5      # quicker, noisier
+    python benchmarks/bench_overhead.py                 # ~2 min on 2 CPU cores (+1 with Cockpit)
+    python benchmarks/bench_overhead.py --rounds 30     # quicker, noisier
     python benchmarks/bench_overhead.py --json out.json # also save the numbers
 
 The model is the issue's mid-size MLP VAE: MeaningVAE(input_dim=784, latent_dim=32,
@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -110,16 +112,26 @@ def plain_step(run: Run) -> Callable[[], None]:
     return step
 
 
-def monitor_step(run: Run, monitor_cls: type, **kwargs: object) -> Callable[[], None]:
+def monitor_step(
+    run: Run, monitor_cls: type, inside: list[float] | None = None, **kwargs: object
+) -> Callable[[], None]:
+    """Plain step + the monitor's two calls; ``inside`` collects the ms spent in them."""
     monitor = monitor_cls(run.model, **kwargs)
+    clock = time.perf_counter
 
     def step() -> None:
         run.optimizer.zero_grad(set_to_none=True)
         _, total, _ = run.forward()
         total.backward()
+        start = clock()
         monitor.after_backward()
+        middle = clock()
         run.optimizer.step()
+        resume = clock()
         monitor.after_step()
+        end = clock()
+        if inside is not None:
+            inside.append(((middle - start) + (end - resume)) * 1000.0)
         if len(monitor.history) > 50:
             monitor.history.clear()  # bounded memory over a long benchmark
 
@@ -226,8 +238,8 @@ def cockpit_steps(x: torch.Tensor) -> dict[str, Callable[[], None]] | str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--block", type=int, default=5, help="steps per configuration per round")
+    parser.add_argument("--rounds", type=int, default=100, help="interleaved rounds")
+    parser.add_argument("--block", type=int, default=1, help="steps per configuration per round")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--economy-rounds", type=int, default=3, help="0 skips Cockpit economy")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
@@ -248,13 +260,23 @@ def main() -> None:
         f"{args.rounds} rounds x {args.block} steps"
     )
 
+    inside: dict[str, list[float]] = {}  # ms spent inside the monitor's calls, per step
+
+    def monitored(name: str, cls: type, **kwargs: object) -> Callable[[], None]:
+        inside[name] = []
+        return monitor_step(Run(x), cls, inside[name], **kwargs)
+
     configs: dict[str, Callable[[], None]] = {
         "plain step": plain_step(Run(x)),
-        "+ GradientMonitor": monitor_step(Run(x), GradientMonitor),
-        "+ GradientMonitor (v0, before)": monitor_step(Run(x), gradients_v0.GradientMonitor),
-        "+ GradientMonitor, detail=lean": monitor_step(Run(x), GradientMonitor, detail="lean"),
-        "+ GradientMonitor, track_updates": monitor_step(
-            Run(x), GradientMonitor, track_updates=True
+        "+ GradientMonitor": monitored("+ GradientMonitor", GradientMonitor),
+        "+ GradientMonitor (v0, before)": monitored(
+            "+ GradientMonitor (v0, before)", gradients_v0.GradientMonitor
+        ),
+        "+ GradientMonitor, detail=lean": monitored(
+            "+ GradientMonitor, detail=lean", GradientMonitor, detail="lean"
+        ),
+        "+ GradientMonitor, track_updates": monitored(
+            "+ GradientMonitor, track_updates", GradientMonitor, track_updates=True
         ),
         "+ GradientHooks": hooks_step(Run(x), GradientHooks),
         "+ GradientHooks (v0, before)": hooks_step(Run(x), gradients_v0.GradientHooks),
@@ -284,6 +306,20 @@ def main() -> None:
     rows = summarise(samples, "plain step")
     print_table(rows, "Overhead per training step (lower is better)")
 
+    # The same monitors timed from the inside: only the time spent in after_backward() and
+    # after_step(), against the plain step's median. Much less noisy than the ratio of two
+    # whole steps; it misses indirect costs (e.g. caches the monitor evicts for Adam).
+    plain = statistics.median(samples["plain step"])
+    direct = []
+    print(f"\nTime inside the monitor's calls, per step (plain step median {plain:.2f} ms)")
+    for name, values in inside.items():
+        if name not in samples:
+            continue
+        warm = values[-len(samples[name]) * args.block :]  # the timed rounds, not warm-up
+        ms = statistics.median(warm)
+        direct.append({"name": name, "ms_median": ms, "fraction_of_plain": ms / plain})
+        print(f"  {name:<36} {ms:6.3f} ms  = {100 * ms / plain:4.1f}% of a plain step")
+
     economy_rows = []
     if economy is not None and args.economy_rounds > 0:
         print(f"\nCockpit economy: {args.economy_rounds} rounds of 1 step, next to plain steps")
@@ -301,6 +337,7 @@ def main() -> None:
             "machine": info,
             "args": vars(args) | {"json": str(args.json)},
             "rows": [asdict(r) for r in rows],
+            "inside_monitor": direct,
             "economy_rows": [asdict(r) for r in economy_rows],
             "samples_ms": samples,
         }

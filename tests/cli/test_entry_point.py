@@ -49,3 +49,32 @@ def test_json_run_through_the_entry_point_is_pure_json():
     proc = _mtx("debug-loss", "--epochs", "1", "--kl-weight", "0.1", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["exit_code"] == 0
+
+
+HELP_IMPORTS = """
+import io, sys, contextlib
+sys.argv = ["mtx", *sys.argv[1:]]
+from meaning_transform.cli import main
+try:
+    with contextlib.redirect_stdout(io.StringIO()):
+        main()
+except SystemExit:
+    pass
+print(sorted(m for m in ("torch", "matplotlib", "rich.console") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("args", [("--help",), ("debug-loss", "--help"), ("check-grads", "--help")])
+def test_help_imports_neither_torch_nor_matplotlib_nor_rich(args):
+    """Help is answered from Typer alone: the Rich consoles are built on first use."""
+    proc = subprocess.run(
+        [sys.executable, "-c", HELP_IMPORTS, *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_bad_input_error_still_reaches_stderr_through_the_lazy_console(tmp_path):
+    proc = _mtx("debug-loss", "--data", str(tmp_path / "missing.npy"))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == f"error: data file not found: {tmp_path / 'missing.npy'}"

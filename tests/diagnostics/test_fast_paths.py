@@ -220,3 +220,44 @@ def test_write_grad_equals_backward_of_the_total(method):
     term_attribution(three_terms(model, x), weights, model, method=method, write_grad=True)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------- cached layout
+
+
+def test_monitor_follows_a_parameter_resized_in_place():
+    """The monitor caches names, shapes and sizes; a resized parameter must refresh them."""
+    lin = nn.Linear(4, 3)
+    monitor = GradientMonitor(lin, detail="lean")
+    lin(torch.randn(8, 4)).sum().backward()
+    assert monitor.after_backward().param("weight").shape == (3, 4)
+    monitor.after_step()
+    with torch.no_grad():
+        lin.weight.data = torch.randn(5, 4)  # same Parameter object, new shape
+        lin.bias.data = torch.zeros(5)
+    lin.zero_grad(set_to_none=True)
+    x = torch.randn(8, 4)
+    x[:, 0] = 0.0  # the weight gradient's first column is exactly zero: 5 of 20 entries
+    lin(x).sum().backward()
+    snap = monitor.after_backward()
+    weight = snap.param("weight")
+    assert weight.shape == (5, 4) and weight.numel == 20
+    assert weight.zero_fraction == 5 / 20
+    assert snap.param("bias").numel == 5
+    assert snap.total_norm == pytest.approx(
+        torch.nn.utils.clip_grad_norm_(lin.parameters(), math.inf).item(), rel=1e-6
+    )
+
+
+def test_lean_snapshot_with_a_parameter_without_gradient():
+    """A missing gradient takes the general (scatter) path; the others match full detail."""
+    model, x = make()
+    backward(model, x)
+    model.log_var.weight.grad = None
+    full, lean = gradient_snapshot(model), gradient_snapshot(model, detail="lean")
+    assert lean.missing == full.missing == ("log_var.weight",)
+    for a, b in zip(lean.params, full.params, strict=True):
+        assert a.has_grad == b.has_grad
+        assert a.norm == b.norm and a.zero_fraction == b.zero_fraction
+    assert lean.param("log_var.weight").norm is None
+    assert lean.total_norm == pytest.approx(full.total_norm, rel=1e-12)
