@@ -283,7 +283,6 @@ def _stat_block(
     ``before[i]``, when given, is the parameter's value before the optimizer step.
     """
     device, acc = params[0].device, _acc_dtype(params[0])
-    weights = params  # read under no_grad: no detach needed
     measure_update = before is not None and any(b is not None for b in before)
     present = [i for i, g in enumerate(grads) if g is not None]
     by_device: dict[torch.device, list[int]] = {}
@@ -291,12 +290,12 @@ def _stat_block(
         by_device.setdefault(grads[i].device, []).append(i)  # type: ignore[union-attr]
     if len(present) == len(params) and list(by_device) == [device] and not measure_update:
         # The common case, every gradient on the parameters' device: no scatter, one stack.
-        return _block(_grad_columns(grads, weights, detail), len(params), acc, device)  # type: ignore[arg-type]
+        return _block(_grad_columns(grads, params, detail), len(params), acc, device)  # type: ignore[arg-type]
     stats = _block({}, len(params), acc, device)
     for idx in by_device.values():
         columns = _grad_columns(
             [grads[i] for i in idx],  # type: ignore[misc]
-            [weights[i] for i in idx],
+            [params[i] for i in idx],
             detail,
         )
         index = torch.tensor(idx, device=device)
@@ -304,10 +303,10 @@ def _stat_block(
             stats[index, c] = values.to(device=device, dtype=acc)
     missing = [i for i, g in enumerate(grads) if g is None]
     if missing and detail == "full":  # the weight norm of parameters without gradient
-        norms = torch.stack(_norms([weights[i] for i in missing]))
+        norms = torch.stack(_norms([params[i] for i in missing]))
         stats[torch.tensor(missing, device=device), _WEIGHT_NORM] = norms.to(device, acc)
     if measure_update:
-        stats[:, _DELTA_NORM:] = _update_columns(weights, before, device, acc)  # type: ignore[arg-type]
+        stats[:, _DELTA_NORM:] = _update_columns(params, before, device, acc)  # type: ignore[arg-type]
     return stats
 
 
@@ -522,8 +521,7 @@ def _snapshot(
         if p.requires_grad:
             named.append((name, p))
             params.append(p)
-            g = p.grad
-            grads.append(g if g is None or not g.is_sparse else g.to_dense())
+            grads.append(None if p.grad is None else _dense(p.grad))
     if not named:
         return _assemble(layouts(model, named), [], [], detail, step)
     before = None
@@ -663,9 +661,10 @@ class GradientHooks:
         self.detail = _check_detail(detail)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self._named = _trainable(model)
-        self._layout = _LayoutCache()(model, self._named)
+        self._layouts = _LayoutCache()
         self._current: dict[int, Tensor] = {}  # param index -> its .grad in this backward
-        self._unread: list[tuple[list[int], Tensor]] = []  # closed passes: (present, block)
+        # closed passes: (present, block, the layout their gradients had)
+        self._unread: list[tuple[list[int], Tensor, _Layout]] = []
         self._history: list[GradientSnapshot] = []
         self._callback_queued = False
 
@@ -725,20 +724,20 @@ class GradientHooks:
         params = [p for _, p in self._named]
         block = _stat_block(params, grads, self.detail)  # (P, _COLUMNS)
         _count_non_finite_on_device(block, grads)
-        self._unread.append((present, block))
+        self._unread.append((present, block, self._layouts(self.model, self._named)))
         self._current = {}
 
     def _materialise(self) -> None:
         device = self._unread[0][1].device
         dtype = torch.float64 if device.type != "mps" else torch.float32
-        blocks = [block.to(device=device, dtype=dtype) for _, block in self._unread]
+        blocks = [block.to(device=device, dtype=dtype) for _, block, _ in self._unread]
         rows = torch.cat(blocks).cpu().tolist()  # the one host copy for all pending passes
         per_pass = len(self._named)
-        for k, (present, _) in enumerate(self._unread):
+        for k, (present, _, layout) in enumerate(self._unread):
             has_grad = [i in present for i in range(per_pass)]
             step = len(self._history)
             pass_rows = rows[k * per_pass : (k + 1) * per_pass]
-            self._history.append(_assemble(self._layout, has_grad, pass_rows, self.detail, step))
+            self._history.append(_assemble(layout, has_grad, pass_rows, self.detail, step))
         self._unread = []
 
 

@@ -225,21 +225,24 @@ def test_write_grad_equals_backward_of_the_total(method):
 # ----------------------------------------------------------------- cached layout
 
 
-def test_monitor_follows_a_parameter_resized_in_place():
-    """The monitor caches names, shapes and sizes; a resized parameter must refresh them."""
+@pytest.mark.parametrize("path", ["monitor", "hooks"])
+def test_a_parameter_resized_in_place_is_followed(path):
+    """Names, shapes and sizes are cached per parameter list; a resize must refresh them."""
     lin = nn.Linear(4, 3)
     monitor = GradientMonitor(lin, detail="lean")
-    lin(torch.randn(8, 4)).sum().backward()
-    assert monitor.after_backward().param("weight").shape == (3, 4)
-    monitor.after_step()
-    with torch.no_grad():
-        lin.weight.data = torch.randn(5, 4)  # same Parameter object, new shape
-        lin.bias.data = torch.zeros(5)
-    lin.zero_grad(set_to_none=True)
-    x = torch.randn(8, 4)
-    x[:, 0] = 0.0  # the weight gradient's first column is exactly zero: 5 of 20 entries
-    lin(x).sum().backward()
-    snap = monitor.after_backward()
+    with GradientHooks(lin, detail="lean") as hooks:
+        lin(torch.randn(8, 4)).sum().backward()
+        first = monitor.after_backward() if path == "monitor" else hooks.history[-1]
+        assert first.param("weight").shape == (3, 4)
+        monitor.after_step()
+        with torch.no_grad():
+            lin.weight.data = torch.randn(5, 4)  # same Parameter object, new shape
+            lin.bias.data = torch.zeros(5)
+        lin.zero_grad(set_to_none=True)
+        x = torch.randn(8, 4)
+        x[:, 0] = 0.0  # the weight gradient's first column is exactly zero: 5 of 20 entries
+        lin(x).sum().backward()
+        snap = monitor.after_backward() if path == "monitor" else hooks.history[-1]
     weight = snap.param("weight")
     assert weight.shape == (5, 4) and weight.numel == 20
     assert weight.zero_fraction == 5 / 20
