@@ -38,7 +38,6 @@ COMMANDS = ("debug-loss", "debug-extended", "anneal-demo", "check-grads")
 # training loop uses meaning_transform.optim.Adam so that it does not: watched and timed.
 WATCHED = ("torch", "matplotlib", "numpy", "rich", "typer", "torch._dynamo")
 ALL = "<all top-level imports>"
-TIMED = WATCHED
 
 # Runs the CLI in-process and reports, on stderr, which watched modules were imported.
 WRAPPER = f"""
@@ -95,7 +94,7 @@ def run_once(args: list[str], importtime: bool = False, code: str = WRAPPER) -> 
             name, spent = raw.strip(), int(cumulative) / 1e6
             if raw.startswith("   ") and not raw.startswith("    "):  # top level: 1 + 2 spaces
                 imports[ALL] = imports.get(ALL, 0.0) + spent
-            if name in TIMED:
+            if name in WATCHED:
                 imports[name] = imports.get(name, 0.0) + spent
     return Run(seconds, rss, modules, imports)
 

@@ -260,24 +260,17 @@ def main() -> None:
         f"{args.rounds} rounds x {args.block} steps"
     )
 
-    inside: dict[str, list[float]] = {}  # ms spent inside the monitor's calls, per step
-
-    def monitored(name: str, cls: type, **kwargs: object) -> Callable[[], None]:
-        inside[name] = []
-        return monitor_step(Run(x), cls, inside[name], **kwargs)
-
-    configs: dict[str, Callable[[], None]] = {
-        "plain step": plain_step(Run(x)),
-        "+ GradientMonitor": monitored("+ GradientMonitor", GradientMonitor),
-        "+ GradientMonitor (v0, before)": monitored(
-            "+ GradientMonitor (v0, before)", gradients_v0.GradientMonitor
-        ),
-        "+ GradientMonitor, detail=lean": monitored(
-            "+ GradientMonitor, detail=lean", GradientMonitor, detail="lean"
-        ),
-        "+ GradientMonitor, track_updates": monitored(
-            "+ GradientMonitor, track_updates", GradientMonitor, track_updates=True
-        ),
+    monitors: dict[str, tuple[type, dict[str, object]]] = {
+        "+ GradientMonitor": (GradientMonitor, {}),
+        "+ GradientMonitor (v0, before)": (gradients_v0.GradientMonitor, {}),
+        "+ GradientMonitor, detail=lean": (GradientMonitor, {"detail": "lean"}),
+        "+ GradientMonitor, track_updates": (GradientMonitor, {"track_updates": True}),
+    }
+    inside: dict[str, list[float]] = {name: [] for name in monitors}  # ms per step, inside
+    configs: dict[str, Callable[[], None]] = {"plain step": plain_step(Run(x))}
+    for name, (cls, kwargs) in monitors.items():
+        configs[name] = monitor_step(Run(x), cls, inside[name], **kwargs)
+    configs |= {
         "+ GradientHooks": hooks_step(Run(x), GradientHooks),
         "+ GradientHooks (v0, before)": hooks_step(Run(x), gradients_v0.GradientHooks),
         "+ GradientHooks, detail=lean": hooks_step(Run(x), GradientHooks, detail="lean"),
