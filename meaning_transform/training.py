@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from meaning_transform.losses.annealing import SCHEDULES, beta_annealing
+from meaning_transform.constants import COMPONENTS, DEVICES
 from meaning_transform.optim import Adam
 
-COMPONENTS: tuple[str, ...] = ("reconstruction", "kl", "semantic", "compression")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 _RESULT_KEYS = {
     "reconstruction": "reconstruction_loss",
     "kl": "kl_loss",

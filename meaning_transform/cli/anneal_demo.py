@@ -23,9 +23,7 @@ from meaning_transform.cli.common import (
     Seed,
 )
 
-# Kept here (not imported from losses) so ``mtx --help`` does not import torch;
-# a test checks it matches ``meaning_transform.losses.annealing.SCHEDULES``.
-SCHEDULE_TYPES: tuple[str, ...] = ("linear", "sigmoid", "cyclical", "exponential")
+from meaning_transform.constants import SCHEDULES as SCHEDULE_TYPES
 
 
 def anneal_demo(
@@ -97,29 +95,20 @@ def anneal_demo(
             )
 
         from meaning_transform.studies.anneal import run_anneal
+        from meaning_transform.studies.report import AnnealConfig
         from meaning_transform.training import BetaSchedule
 
         beta_schedule = BetaSchedule(schedule, min_beta, max_beta, cycles, ratio)
         dataset, factory, fault = common.prepare(opts, model, scenario)
-        train_config = common.train_config(opts)
+        options = AnnealConfig(
+            **common.run_options(opts, model, scenario),
+            schedule=schedule,
+            min_beta=min_beta,
+            max_beta=max_beta,
+            cycles=cycles,
+            ratio=ratio,
+        )
         with common.progress("training", total=epochs, enabled=not json) as tick:
-            result = run_anneal(
-                beta_schedule,
-                dataset,
-                train_config,
-                on_epoch=tick,
-                model_factory=factory,
-                scenario=fault,
-            )
-        result["config"] = {
-            **opts.config(),
-            "schedule": schedule,
-            "min_beta": min_beta,
-            "max_beta": max_beta,
-            "cycles": cycles,
-            "ratio": ratio,
-            "model": model,
-            "scenario": scenario,
-        }
-        common.save_plot(result, opts, "anneal_figure")
-    common.finish(result, opts)
+            pipeline = common.pipeline(opts, dataset, factory, fault, "mean", tick)
+            report = run_anneal(pipeline, beta_schedule, options)
+    common.finish(report, opts)

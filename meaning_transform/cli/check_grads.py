@@ -91,27 +91,25 @@ def check_grads(
             raise common.UsageProblem(f"--clip must be a positive number, got {clip}")
 
         from meaning_transform.studies.check_grads import run_check_grads
+        from meaning_transform.studies.report import CheckGradsConfig
 
         dataset, factory, fault = common.prepare(opts, model, scenario, semantic_weight)
-        train_config = common.train_config(opts, clip_grad_norm=clip)
+        options = CheckGradsConfig(
+            **common.run_options(opts, model, scenario, reduction),
+            recon_weight=recon_weight,
+            kl_weight=kl_weight,
+            semantic_weight=semantic_weight,
+            clip=clip,
+        )
         with common.progress("training", total=epochs, enabled=not json) as tick:
-            result = run_check_grads(
-                dataset,
-                train_config,
+            pipeline = common.pipeline(
+                opts, dataset, factory, fault, reduction, tick, clip_grad_norm=clip
+            )
+            report = run_check_grads(
+                pipeline,
+                options,
                 recon=recon_weight,
                 kl=kl_weight,
                 semantic=0.5 if semantic_weight is None else semantic_weight,
-                reduction=reduction,
-                model_factory=factory,
-                scenario=fault,
-                on_epoch=tick,
             )
-        result["config"] = {
-            **opts.config(),
-            "reduction": reduction,
-            "clip": clip,
-            "model": model,
-            "scenario": scenario,
-        }
-        common.save_plot(result, opts, "check_grads_figure")
-    common.finish(result, opts)
+    common.finish(report, opts)

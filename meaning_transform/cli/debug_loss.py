@@ -77,6 +77,7 @@ def debug_loss(
                 common.non_negative(name, value)
 
         from meaning_transform.studies.debug_loss import PRESETS, WeightConfig, run_debug_loss
+        from meaning_transform.studies.report import DebugLossConfig
 
         if (kl_weight, recon_weight, semantic_weight) == (None, None, None):
             configs = PRESETS
@@ -91,19 +92,14 @@ def debug_loss(
                 ),
             )
         dataset, factory, fault = common.prepare(opts, model, scenario, semantic_weight)
-        train_config = common.train_config(opts)
+        options = DebugLossConfig(
+            **common.run_options(opts, model, scenario, reduction),
+            recon_weight=recon_weight,
+            kl_weight=kl_weight,
+            semantic_weight=semantic_weight,
+            every=every,
+        )
         with common.progress("training", total=epochs * len(configs), enabled=not json) as tick:
-            result = run_debug_loss(
-                configs,
-                dataset,
-                train_config,
-                reduction=reduction,
-                every=every,
-                on_epoch=tick,
-                model_factory=factory,
-                scenario=fault,
-            )
-        result["config"] = {**opts.config(), "reduction": reduction, "model": model,
-                            "scenario": scenario}
-        common.save_plot(result, opts, "debug_loss_figure")
-    common.finish(result, opts)
+            pipeline = common.pipeline(opts, dataset, factory, fault, reduction, tick)
+            report = run_debug_loss(pipeline, configs, options)
+    common.finish(report, opts)

@@ -38,8 +38,10 @@ temporary per step costs more in page faults than the arithmetic it feeds.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -76,6 +78,58 @@ class Attribution:
     def as_dict(self) -> dict[str, object]:
         """Plain, JSON-friendly data (tuples become lists)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class AttributionSummary:
+    """Per-term attribution over a run: every number is the mean over the attributed steps.
+
+    ``cosine[a][b]`` is the mean of cos(g_a, g_b) over the steps (the rules judge
+    conflict on the same steps); ``zero_gradient`` is the last attributed step's.
+    """
+
+    steps_attributed: int
+    method: str
+    weights: Mapping[str, float]
+    norm: Mapping[str, float]  # ||g_term||
+    weighted_norm: Mapping[str, float]  # ||w * g_term||
+    share: Mapping[str, float]  # projection of w * g on the total gradient
+    cosine: Mapping[str, Mapping[str, float]]
+    zero_gradient: tuple[str, ...]
+
+
+def summarise_attributions(attributions: Sequence[Attribution]) -> AttributionSummary | None:
+    """Mean over the attributed steps of every per-term number; None when there are none."""
+    if not attributions:
+        return None
+    last = attributions[-1]
+    names = last.terms
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    def per_term(key: str) -> Mapping[str, float]:
+        return MappingProxyType(
+            {n: mean([getattr(a, key).get(n, math.nan) for a in attributions]) for n in names}
+        )
+
+    cosine = {
+        a: MappingProxyType(
+            {b: mean([att.cosine.get(a, {}).get(b, math.nan) for att in attributions])
+             for b in names}
+        )
+        for a in names
+    }
+    return AttributionSummary(
+        steps_attributed=len(attributions),
+        method=last.method,
+        weights=MappingProxyType(dict(last.weights)),
+        norm=per_term("norm"),
+        weighted_norm=per_term("weighted_norm"),
+        share=per_term("share"),
+        cosine=MappingProxyType(cosine),
+        zero_gradient=tuple(last.zero_gradient),
+    )
 
 
 def _named_params(

@@ -28,13 +28,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from meaning_transform.diagnostics.attribution import Attribution, term_attribution
+from meaning_transform.diagnostics.attribution import (
+    Attribution,
+    AttributionSummary,
+    summarise_attributions,
+    term_attribution,
+)
+from meaning_transform.constants import COMPONENTS
 from meaning_transform.diagnostics.findings import Finding
 from meaning_transform.diagnostics.gradients import GradientHooks, dead_units
 from meaning_transform.diagnostics.latent import encode_means, latent_health
 from meaning_transform.diagnostics.rules import RunEvidence, evaluate
 
-MAIN_TERMS = ("reconstruction", "kl", "semantic", "compression")
 NOISE_PROBE = 32  # noise values kept per step to tell fresh noise from frozen noise
 
 
@@ -132,7 +137,7 @@ class Doctor:
         weights: dict[str, float] = {}
         for name, t in terms_in.items():
             main = "/" not in name
-            if main and (name not in MAIN_TERMS or weights_in.get(name, 1.0) == 0.0):
+            if main and (name not in COMPONENTS or weights_in.get(name, 1.0) == 0.0):
                 continue
             if not main and not self.semantic_features:
                 continue
@@ -200,22 +205,6 @@ class Doctor:
     ) -> list[Finding]:
         return evaluate(self.evidence(records, data, batch_size))
 
-    def summary(self) -> dict[str, Any]:
-        """Attribution averaged over the attributed steps, JSON-ready."""
-        if not self.attributions:
-            return {}
-        names = self.attributions[-1].terms
-        def mean(key: str) -> dict[str, float]:
-            vals = {n: [getattr(a, key).get(n, math.nan) for a in self.attributions] for n in names}
-            return {n: sum(v) / len(v) for n, v in vals.items()}
-        last = self.attributions[-1]
-        return {
-            "steps_attributed": len(self.attributions),
-            "method": last.method,
-            "weights": last.weights,
-            "norm": mean("norm"),
-            "weighted_norm": mean("weighted_norm"),
-            "share": mean("share"),
-            "cosine": last.cosine,
-            "zero_gradient": list(last.zero_gradient),
-        }
+    def summary(self) -> AttributionSummary | None:
+        """Attribution averaged over the attributed steps (None before any attribution)."""
+        return summarise_attributions(self.attributions)

@@ -12,7 +12,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meaning_transform.diagnostics.findings import Finding, sort_findings
+from meaning_transform.diagnostics.findings import Finding, NotChecked, Verdict, sort_findings
+from meaning_transform.diagnostics.thresholds import (
+    COLLAPSE_MIN_STEPS,
+    CONFLICT_INFO,
+    CONFLICT_SHARE,
+    CONFLICT_WARNING,
+    DEAD_RELU,
+    DOMINANCE,
+    EXPLODING_NORM,
+    EXPLODING_RATIO,
+    NO_GRAD_MIN_VALUE,
+    NO_GRAD_RELATIVE,
+    OSC_RISE,
+    OSC_RISE_SHARE,
+    OSCILLATION_MIN_EPOCHS,
+    PLATEAU_IMPROVEMENT,
+    PLATEAU_MIN_EPOCHS,
+    SCALE_IMBALANCE,
+    VANISHING_ABS_MEAN,
+    VANISHING_FIRST,
+    VANISHING_RATIO,
+    ZERO_VALUE,
+)
 
 Rule = Callable[["RunEvidence"], list[Finding]]
 
@@ -98,7 +120,7 @@ def zero_loss(ev: RunEvidence) -> list[Finding]:
             r
             for r in ev.records
             if r.weights.get(name, 0.0) > 0
-            and (r.floors_engaged.get(name, 0) or 0 <= r.raw.get(name, 1.0) <= 1e-8)
+            and (r.floors_engaged.get(name, 0) or 0 <= r.raw.get(name, 1.0) <= ZERO_VALUE)
         ]
         if not hits:
             continue
@@ -108,7 +130,7 @@ def zero_loss(ev: RunEvidence) -> list[Finding]:
                 severity="warning",
                 title=f"{name} loss is zero-valued (floor engaged)",
                 message=(
-                    f"{name} was at or below 1e-8 in {len(hits)} of {len(ev.records)} epochs "
+                    f"{name} was at or below {ZERO_VALUE:g} in {len(hits)} of {len(ev.records)} epochs "
                     f"(first epoch {hits[0].epoch}, value {_fmt(hits[0].raw[name])}); "
                     "a floored term contributes no gradient"
                 ),
@@ -128,24 +150,6 @@ def zero_loss(ev: RunEvidence) -> list[Finding]:
     return found
 
 
-# ---- thresholds (literature values; see the README's findings table) ----
-VANISHING_ABS_MEAN = 1e-7  # DeepDiagnosis: mean |g| below this
-VANISHING_RATIO = 1e-3  # AUTOTRAINER: |g_first| / |g_last| below this ...
-VANISHING_FIRST = 1e-4  # ... with |g_first| below this
-EXPLODING_RATIO = 70.0  # AUTOTRAINER: |g_first| / |g_last| above this
-EXPLODING_NORM = 1e3  # total norm above this (no literature value; see README)
-COLLAPSE_MIN_STEPS = 20  # optimizer steps before collapse can be told from a fresh encoder
-DEAD_RELU = 0.7  # fraction of a layer's units never active
-DOMINANCE = 100.0  # one term's weighted gradient norm over another's
-NO_GRAD_RELATIVE = 1e-8  # a term's gradient norm relative to its value: "none"
-NO_GRAD_MIN_VALUE = 1e-4  # ... judged only for a term worth at least this
-SCALE_IMBALANCE = 1e3  # largest / smallest weighted term value
-PLATEAU_IMPROVEMENT = 0.01  # total must fall by 1% between first and last epoch
-OSC_RISE = 0.05  # an epoch total more than 5% above the previous one is a rise ...
-OSC_RISE_SHARE = 0.2  # ... and at least 2 rises in 20% of the moves is oscillation
-CONFLICT_SHARE = 0.5  # share of attributed steps with cos < 0 for "sustained" ...
-CONFLICT_INFO = -0.25  # ... with a mean cosine below this (mild conflict is normal)
-CONFLICT_WARNING = -0.5  # strong conflict
 
 
 def _steps_with(ev: RunEvidence, pred: Callable[[Any], bool]) -> list[Any]:
@@ -194,21 +198,47 @@ def nonfinite_input(ev: RunEvidence) -> list[Finding]:
     ]
 
 
-@rule
-def posterior_collapse(ev: RunEvidence) -> list[Finding]:
-    """Collapsed latents after real training, with KL not growing.
+def collapse_verdict(ev: RunEvidence) -> Verdict:
+    """Whether the posterior-collapse rule judges this run collapsed, and if not, why.
 
     At initialisation the encoder means barely vary (no unit is "active" yet), so
     the rule waits for COLLAPSE_MIN_STEPS steps and asks that KL has not risen
     since the first epoch: collapse is where training went, not where it started.
+    A latent table shows this verdict, so the table and the findings never disagree.
     """
+    code = "posterior-collapse"
     lat = ev.latent
-    if lat is None or lat.non_finite or not lat.collapsed:
-        return []
+    if lat is None:
+        return Verdict(code, "not-judged", "latent health was not measured (no finite data)")
+    if lat.non_finite:
+        return Verdict(code, "not-judged", f"mu/log_var hold {lat.non_finite} NaN/Inf values")
+    if not lat.collapsed:
+        return Verdict(code, "ok", f"{lat.active_units}/{lat.latent_dim} units active")
     steps = sum(r.steps for r in ev.records)
+    if steps < COLLAPSE_MIN_STEPS:
+        return Verdict(
+            code,
+            "not-judged",
+            f"judged after {COLLAPSE_MIN_STEPS} optimizer steps, this run made {steps}: "
+            "a freshly initialised encoder has no active units yet",
+        )
     kl = [r.raw["kl"] for r in ev.records]
-    if steps < COLLAPSE_MIN_STEPS or not kl or kl[-1] > kl[0]:
+    if kl and kl[-1] > kl[0]:
+        return Verdict(
+            code,
+            "not-judged",
+            f"KL rose during training ({_fmt(kl[0])} -> {_fmt(kl[-1])}): the latents are "
+            "still waking up, not collapsing",
+        )
+    return Verdict(code, "finding", "every dimension below the threshold or no unit active")
+
+
+@rule
+def posterior_collapse(ev: RunEvidence) -> list[Finding]:
+    """Collapsed latents after real training, with KL not growing (see collapse_verdict)."""
+    if collapse_verdict(ev).status != "finding":
         return []
+    lat = ev.latent
     return [
         Finding(
             code="posterior-collapse",
@@ -493,7 +523,7 @@ def unused_params(ev: RunEvidence) -> list[Finding]:
 @rule
 def loss_plateau(ev: RunEvidence) -> list[Finding]:
     totals = [r.total for r in ev.records]
-    if len(totals) < 3 or not all(math.isfinite(t) for t in totals):
+    if len(totals) < PLATEAU_MIN_EPOCHS or not all(math.isfinite(t) for t in totals):
         return []
     first, last = totals[0], totals[-1]
     if last < first * (1 - PLATEAU_IMPROVEMENT):
@@ -521,7 +551,7 @@ def loss_plateau(ev: RunEvidence) -> list[Finding]:
 def loss_oscillation(ev: RunEvidence) -> list[Finding]:
     """The epoch total jumps back up (by > 5%) again and again instead of settling."""
     totals = [r.total for r in ev.records]
-    if len(totals) < 5 or not all(math.isfinite(t) for t in totals):
+    if len(totals) < OSCILLATION_MIN_EPOCHS or not all(math.isfinite(t) for t in totals):
         return []
     rises = [b / a - 1 for a, b in zip(totals, totals[1:]) if a > 0 and b > a * (1 + OSC_RISE)]
     moves = len(totals) - 1
@@ -552,7 +582,7 @@ def scale_imbalance(ev: RunEvidence) -> list[Finding]:
         n: abs(last.weighted[n])
         for n in ("reconstruction", "kl", "semantic")
         # a zero-valued term is the zero-loss rule's business, not an imbalance
-        if last.weights.get(n, 0.0) > 0 and math.isfinite(last.raw[n]) and last.raw[n] > 1e-8
+        if last.weights.get(n, 0.0) > 0 and math.isfinite(last.raw[n]) and last.raw[n] > ZERO_VALUE
     }
     if len(active) < 2:
         return []
@@ -605,3 +635,49 @@ def batch_dependent_weights(ev: RunEvidence) -> list[Finding]:
             where=ev.where,
         )
     ]
+
+
+# ---- checks that could not run (so a missing finding is never silent) ----
+
+
+def not_checked(ev: RunEvidence) -> list[NotChecked]:
+    """The rules whose evidence this run could not give, each with the reason."""
+    out: list[NotChecked] = []
+    collapse = collapse_verdict(ev)
+    if collapse.status == "not-judged":
+        out.append(NotChecked(collapse.code, collapse.reason))
+    if ev.noise_changed is None:
+        out.append(
+            NotChecked(
+                "frozen-noise",
+                "needs z, mu and log_var from the model in train mode on two steps of equal "
+                "batch size",
+            )
+        )
+    if not ev.attributions:
+        reason = "no step was attributed (per-term gradients need finite terms with a graph)"
+        out.extend(
+            NotChecked(code, reason) for code in ("no-grad-path", "grad-dominance", "grad-conflict")
+        )
+    if not ev.snapshots:
+        reason = "no gradient was recorded (no step made a backward pass)"
+        out.extend(
+            NotChecked(code, reason)
+            for code in ("nonfinite-grad", "vanishing-grad", "exploding-grad", "unused-params")
+        )
+    if ev.dead_units is None:
+        out.append(
+            NotChecked("dying-relu", "no nn.ReLU module to watch, or no finite data to run it on")
+        )
+    epochs = len(ev.records)
+    if epochs < PLATEAU_MIN_EPOCHS:
+        out.append(
+            NotChecked("loss-plateau", f"needs {PLATEAU_MIN_EPOCHS} epochs, this run had {epochs}")
+        )
+    if epochs < OSCILLATION_MIN_EPOCHS:
+        out.append(
+            NotChecked(
+                "loss-oscillation", f"needs {OSCILLATION_MIN_EPOCHS} epochs, this run had {epochs}"
+            )
+        )
+    return out

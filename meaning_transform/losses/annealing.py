@@ -12,7 +12,7 @@ import math
 from typing import Literal
 
 ScheduleType = Literal["linear", "sigmoid", "cyclical", "exponential"]
-SCHEDULES: tuple[str, ...] = ("linear", "sigmoid", "cyclical", "exponential")
+from meaning_transform.constants import SCHEDULES  # noqa: E402
 
 # With min_beta == 0 a geometric schedule cannot start at 0; it runs from
 # max_beta * EXPONENTIAL_START_FRACTION instead, and epoch 0 is pinned to 0.

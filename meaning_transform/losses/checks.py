@@ -19,8 +19,7 @@ Reduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 ON_NON_FINITE: tuple[str, ...] = ("raise", "record")
 
-COMPONENT_FLOOR = 1e-8  # the original write-up's minimum for each component
-TOTAL_FLOOR = 1e-6  # ... and for the total
+from meaning_transform.constants import COMPONENT_FLOOR, TOTAL_FLOOR  # noqa: E402
 
 
 class LossInputError(ValueError):

@@ -15,8 +15,7 @@ describe the gradients *before* clipping; the update ratios describe the clipped
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import fields, replace
 from typing import Any
 
 from torch import nn
@@ -26,25 +25,17 @@ from meaning_transform.diagnostics.gradients import (
     GradientSnapshot,
     ParamGradStats,
 )
-from meaning_transform.scenarios import Scenario
-from meaning_transform.studies.setup import (
-    Dataset,
-    ModelFactory,
-    build_loss,
-    default_model,
-    diagnose_training,
-    scenario_train_config,
+from meaning_transform.diagnostics.structure import biases_before_batch_norm
+from meaning_transform.diagnostics.thresholds import LARGE_UPDATE, VANISHING_ABS_MEAN
+from meaning_transform.studies.pipeline import Pipeline, weights_of
+from meaning_transform.studies.report import (
+    CheckGradsConfig,
+    CheckGradsReport,
+    ParamRow,
+    StepRow,
+    frozen,
 )
-from meaning_transform.training import StepContext, TrainConfig
-
-# Flag thresholds (per parameter, last monitored step).
-TINY_ABS_MEAN = 1e-7  # mean |g| below this: vanished (DeepDiagnosis' threshold)
-# ||dw|| / ||w|| above this in one step is large; ~1e-3 is Karpathy's healthy rule of thumb.
-# Only judged for weight matrices (2+ dims): vectors such as BatchNorm biases start at or
-# near zero, so their relative update is huge early on without anything being wrong.
-LARGE_UPDATE = 1e-1
-
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from meaning_transform.training import StepContext
 
 
 class _StepRecorder:
@@ -80,92 +71,70 @@ class _StepRecorder:
 
 
 def run_check_grads(
-    dataset: Dataset,
-    train_config: TrainConfig,
+    pipeline: Pipeline,
+    options: CheckGradsConfig,
     recon: float = 1.0,
     kl: float = 0.1,
     semantic: float = 0.5,
-    reduction: str = "mean",
-    model_factory: ModelFactory | None = None,
-    on_epoch: Callable[[], None] | None = None,
-    scenario: Scenario | None = None,
-) -> dict[str, Any]:
-    """Train one fresh model, monitoring every step's gradients; return the JSON-ready result.
+) -> CheckGradsReport:
+    """Train one fresh model, monitoring every step's gradients; return the report.
 
-    ``train_config.clip_grad_norm`` (if set) is applied after each snapshot, so every
-    reported norm is the norm before clipping (see the module docstring).
+    ``pipeline.train_config.clip_grad_norm`` (if set) is applied after each snapshot, so
+    every reported norm is the norm before clipping (see the module docstring).
     """
-    train_config = scenario_train_config(train_config, scenario)
-    model = (
-        model_factory(dataset.n_features, train_config.seed)
-        if model_factory is not None
-        else default_model(dataset.n_features, train_config.seed, dataset.tensor, scenario)
-    )
-    loss_fn = build_loss(recon, kl, semantic, dataset, reduction, scenario)
-    clip = train_config.clip_grad_norm
+    model = pipeline.model()
+    loss_fn = pipeline.loss(recon, kl, semantic)
+    clip = pipeline.config.clip_grad_norm
     recorder = _StepRecorder(model, clip)
-    diagnosed = diagnose_training(
-        dataset.kind,
+    run = pipeline.diagnose(
+        pipeline.dataset.kind,
         model,
         loss_fn,
-        dataset.tensor,
-        replace(train_config, clip_grad_norm=None),  # clipped by the recorder instead
+        config=replace(pipeline.config, clip_grad_norm=None),  # clipped by the recorder instead
         callbacks=(recorder,),
-        on_epoch=(lambda _r: on_epoch()) if on_epoch else None,
     )
-    result = diagnosed.result
     history = recorder.monitor.history
-    steps = [
+    steps = tuple(
         _step_row(row, history[i] if i is not None else None, clip)
         for row, i in zip(recorder.rows, recorder.snapshot_index, strict=True)
-    ]
+    )
     never = _never_received(history)
     last = history[-1] if history else None
-    cancelled = biases_before_batchnorm(model)
-    findings = diagnosed.findings
-    last_row = next((s for s in reversed(steps) if s["total_norm"] is not None), None)
-    return {
-        "command": "check-grads",
-        "data": dataset.describe(),
-        "batch_size": result.batch_size,
-        "reduction": reduction,
-        "weights": {
-            "reconstruction": float(loss_fn.recon_loss_weight),
-            "kl": float(loss_fn.kl_loss_weight),
-            "semantic": float(loss_fn.semantic_loss_weight),
-        },
-        "semantic_applicable": dataset.agent_layout,
-        "clip": clip,
-        "thresholds": {"tiny_abs_mean": TINY_ABS_MEAN, "large_update": LARGE_UPDATE},
-        "steps": steps,
-        "last_step": last.step if last is not None else None,
-        "parameters": [
-            {**_stats_dict(s), "flags": param_flags(s, never, s.name in cancelled)}
+    cancelled = set(biases_before_batch_norm(model))
+    last_row = next((s for s in reversed(steps) if s.total_norm is not None), None)
+    return CheckGradsReport(
+        **pipeline.header(
+            "check-grads", options, [run], semantic_applicable=pipeline.dataset.agent_layout
+        ),
+        weights=frozen(weights_of(loss_fn)),
+        clip=clip,
+        thresholds=frozen({"tiny_abs_mean": VANISHING_ABS_MEAN, "large_update": LARGE_UPDATE}),
+        steps=steps,
+        last_step=last.step if last is not None else None,
+        parameters=tuple(
+            ParamRow(**_stats_fields(s), flags=param_flags(s, never, s.name in cancelled))
             for s in (last.params if last is not None else ())
-        ],
-        "total_norm": last.total_norm if last is not None else None,
-        "clip_grad_norm": last_row["clip_grad_norm"] if last_row is not None else None,
-        "first_last_ratio": last.first_last_ratio if last is not None else None,
-        "first_layer": last.first_layer if last is not None else None,
-        "last_layer": last.last_layer if last is not None else None,
-        "never_received": list(never),
-        "scenario": scenario.name if scenario is not None else "healthy",
-        "attribution": diagnosed.attribution,
-        "latent": diagnosed.latent,
-        "findings": [f.as_dict() for f in findings],
-    }
+        ),
+        total_norm=last.total_norm if last is not None else None,
+        clip_grad_norm=last_row.clip_grad_norm if last_row is not None else None,
+        first_last_ratio=last.first_last_ratio if last is not None else None,
+        first_layer=last.first_layer if last is not None else None,
+        last_layer=last.last_layer if last is not None else None,
+        never_received=never,
+        diagnosis=run.diagnosis,
+    )
 
 
 def param_flags(
     stats: ParamGradStats, never_received: tuple[str, ...], bn_absorbed: bool
-) -> list[str]:
+) -> tuple[str, ...]:
     """What looks wrong with one parameter at the last monitored step.
 
     - ``no-grad``: requires grad but received none in any monitored step (not in the graph).
     - ``missing``: no gradient at the last step, though it had one earlier.
     - ``non-finite``: NaN/Inf entries in the gradient.
     - ``all-zero``: every gradient entry is exactly 0.
-    - ``tiny``: mean |g| below :data:`TINY_ABS_MEAN` (and not all zero).
+    - ``tiny``: mean |g| below :data:`VANISHING_ABS_MEAN` (and not all zero).
     - ``bn-absorbed``: a Linear bias directly followed by BatchNorm. The normalisation
       subtracts the batch mean, so this bias's gradient is zero up to rounding by
       construction; a note (the bias is redundant), in place of ``tiny``/``all-zero``.
@@ -176,9 +145,9 @@ def param_flags(
     bias on the first step) is not judged.
     """
     if stats.name in never_received:
-        return ["no-grad"]
+        return ("no-grad",)
     if not stats.has_grad:
-        return ["missing"]
+        return ("missing",)
     flags: list[str] = []
     if stats.non_finite:
         flags.append("non-finite")
@@ -186,29 +155,14 @@ def param_flags(
         flags.append("bn-absorbed")
     elif stats.zero_fraction == 1.0:
         flags.append("all-zero")
-    elif stats.abs_mean is not None and stats.abs_mean < TINY_ABS_MEAN:
+    elif stats.abs_mean is not None and stats.abs_mean < VANISHING_ABS_MEAN:
         flags.append("tiny")
     if stats.update_ratio is not None:
         if stats.update_ratio == 0.0:
             flags.append("frozen")
         elif len(stats.shape) >= 2 and stats.update_ratio > LARGE_UPDATE:
             flags.append("large-update")
-    return flags
-
-
-def biases_before_batchnorm(model: nn.Module) -> set[str]:
-    """Names of Linear biases whose output goes straight into a BatchNorm (in a Sequential)."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    found: set[str] = set()
-    for module in model.modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        children = list(module.children())
-        for a, b in zip(children, children[1:]):
-            if isinstance(a, nn.Linear) and a.bias is not None and isinstance(b, _BATCH_NORMS):
-                if id(a.bias) in names:
-                    found.add(names[id(a.bias)])
-    return found
+    return tuple(flags)
 
 
 def _never_received(history: list[GradientSnapshot]) -> tuple[str, ...]:
@@ -219,29 +173,19 @@ def _never_received(history: list[GradientSnapshot]) -> tuple[str, ...]:
     return tuple(s.name for s in history[0].params if s.name not in seen)
 
 
-def _step_row(
-    row: dict[str, Any], snap: GradientSnapshot | None, clip: float | None
-) -> dict[str, Any]:
+def _step_row(row: dict[str, Any], snap: GradientSnapshot | None, clip: float | None) -> StepRow:
     if snap is None:  # loss not finite: train() made no backward pass and no update
-        return {
-            **row,
-            "total_norm": None,
-            "clipped": False,
-            "first_last_ratio": None,
-            "missing": [],
-            "non_finite": 0,
-        }
-    return {
+        return StepRow(**row, total_norm=None, clipped=False, first_last_ratio=None,
+                       missing=(), non_finite=0)
+    return StepRow(
         **row,
-        "total_norm": snap.total_norm,
-        "clipped": clip is not None and snap.total_norm > clip,
-        "first_last_ratio": snap.first_last_ratio,
-        "missing": list(snap.missing),
-        "non_finite": sum(s.non_finite or 0 for s in snap.params),
-    }
+        total_norm=snap.total_norm,
+        clipped=clip is not None and snap.total_norm > clip,
+        first_last_ratio=snap.first_last_ratio,
+        missing=tuple(snap.missing),
+        non_finite=sum(s.non_finite or 0 for s in snap.params),
+    )
 
 
-def _stats_dict(stats: ParamGradStats) -> dict[str, Any]:
-    d = asdict(stats)
-    d["shape"] = list(stats.shape)
-    return d
+def _stats_fields(stats: ParamGradStats) -> dict[str, Any]:
+    return {f.name: getattr(stats, f.name) for f in fields(stats)}

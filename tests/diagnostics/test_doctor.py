@@ -54,7 +54,7 @@ def test_healthy_user_loop_has_no_warnings():
     findings = doctor.findings(data=x)
     assert [f.code for f in findings if f.severity != "info"] == []
     assert len(doctor.hooks.history) == 12  # one gradient snapshot per backward
-    assert doctor.summary()["steps_attributed"] == 12
+    assert doctor.summary().steps_attributed == 12
 
 
 def test_user_loop_finds_frozen_noise_and_hard_semantics():

@@ -1,0 +1,18 @@
+"""Names and numbers that several layers share, each defined once. Imports nothing heavy.
+
+The CLI reads its option choices from here, so ``mtx --help`` never imports torch, and the
+compute code validates against the same tuples.
+"""
+
+from __future__ import annotations
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+SCHEDULES: tuple[str, ...] = ("linear", "sigmoid", "cyclical", "exponential")
+DATA_KINDS: tuple[str, ...] = ("agent_states", "normal", "uniform", "binary", "one_hot")
+# The loss components the built-in CombinedLoss reports, in table order.
+COMPONENTS: tuple[str, ...] = ("reconstruction", "kl", "semantic", "compression")
+# KL per sample = -1/2 sum_z (1 + log_var - mu^2 - exp(log_var)), term by term.
+KL_TERM_NAMES: tuple[str, ...] = ("one", "log_var", "neg_mu_sq", "neg_exp_log_var")
+COMPONENT_FLOOR = 1e-8  # the original write-up's minimum for each component ...
+TOTAL_FLOOR = 1e-6  # ... and for the total

@@ -1,0 +1,36 @@
+"""Every threshold a rule or a flag uses, in one place (literature values where they exist).
+
+Thresholds on gradient norms and loss values are relative or per-sample wherever the
+quantity scales with the batch; see the README's findings table for the sources.
+Imports nothing heavy, so the CLI can show them without importing torch.
+"""
+
+from __future__ import annotations
+
+from meaning_transform.constants import COMPONENT_FLOOR
+
+ZERO_VALUE = COMPONENT_FLOOR  # a component at or below this is "zero-valued" (the floor)
+VANISHING_ABS_MEAN = 1e-7  # DeepDiagnosis: mean |g| below this
+VANISHING_RATIO = 1e-3  # AUTOTRAINER: |g_first| / |g_last| below this ...
+VANISHING_FIRST = 1e-4  # ... with |g_first| below this
+EXPLODING_RATIO = 70.0  # AUTOTRAINER: |g_first| / |g_last| above this
+EXPLODING_NORM = 1e3  # total norm above this (no literature value; see README)
+COLLAPSE_MIN_STEPS = 20  # optimizer steps before collapse can be told from a fresh encoder
+DEAD_RELU = 0.7  # fraction of a layer's units never active
+DOMINANCE = 100.0  # one term's weighted gradient norm over another's
+NO_GRAD_RELATIVE = 1e-8  # a term's gradient norm relative to its value: "none"
+NO_GRAD_MIN_VALUE = 1e-4  # ... judged only for a term worth at least this
+SCALE_IMBALANCE = 1e3  # largest / smallest weighted term value
+PLATEAU_IMPROVEMENT = 0.01  # total must fall by 1% between first and last epoch
+PLATEAU_MIN_EPOCHS = 3
+OSC_RISE = 0.05  # an epoch total more than 5% above the previous one is a rise ...
+OSC_RISE_SHARE = 0.2  # ... and at least 2 rises in 20% of the moves is oscillation
+OSCILLATION_MIN_EPOCHS = 5
+CONFLICT_SHARE = 0.5  # share of attributed steps with cos < 0 for "sustained" ...
+CONFLICT_INFO = -0.25  # ... with a mean cosine below this (mild conflict is normal)
+CONFLICT_WARNING = -0.5  # strong conflict
+# check-grads' per-parameter flags. ||dw|| / ||w|| above LARGE_UPDATE in one step is large
+# (~1e-3 is Karpathy's healthy rule of thumb); judged for weight matrices only, because
+# vectors such as batch-norm biases start at or near zero.
+LARGE_UPDATE = 1e-1
+HUGE_PARAMETER = 1e3  # |value| above this at initialisation is a fault, not a choice
