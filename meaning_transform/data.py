@@ -12,11 +12,19 @@ Layout of one agent state (D = 10 features):
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
+import pickle
+import stat
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# Generic generators of the original extended experiment, plus the agent-state layout;
+# kept in constants so that ``mtx --help`` can list them without importing torch.
+from meaning_transform.constants import DATA_KINDS
 
 N_FEATURES = 10
 N_ROLES = 5
@@ -58,8 +66,6 @@ TARGET_FRACTION = 0.4  # share of agents with has_target == 1
 ALIVE_HEALTH_BETA = (2.0, 1.5)  # living health = 0.1 + 0.9 * Beta(a, b): mean ~0.61
 ENERGY_BETA = (2.0, 2.0)  # energy ~ Beta(a, b): mean 0.5, rarely at the extremes
 
-# Generic generators of the original extended experiment, plus the agent-state layout.
-DATA_KINDS: tuple[str, ...] = ("agent_states", "normal", "uniform", "binary", "one_hot")
 SUPPORTED_SUFFIXES: tuple[str, ...] = (".npy", ".csv", ".pt")
 
 
@@ -147,10 +153,7 @@ def load_data(path: str | Path, expected_features: int | None = None) -> torch.T
     ):
         raise ValueError(f"expected_features must be an integer >= 1, got {expected_features!r}")
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if not path.is_file():
-        raise DataError(f"data path is not a file: {path}")
+    _check_is_file(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
         data = _read_npy(path)
@@ -164,6 +167,24 @@ def load_data(path: str | Path, expected_features: int | None = None) -> torch.T
             f"{path}: unsupported file type {suffix or '(no suffix)'!r}; supported: {supported}"
         )
     return _validated(data, path, expected_features)
+
+
+def _check_is_file(path: Path) -> None:
+    """Refuse a path that is not a readable regular file, in one line (never an OSError)."""
+    try:
+        found = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(f"data file not found: {path}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            text = str(path)
+            shown = text if len(text) <= 60 else f"{text[:40]}...{text[-16:]}"
+            raise DataError(f"data path too long for the file system: {shown}") from None
+        raise DataError(f"{path}: cannot open: {exc.strerror or _one_line(exc)}") from None
+    except ValueError as exc:  # an embedded NUL byte
+        raise DataError(f"data path cannot be used: {_one_line(exc)}") from None
+    if not stat.S_ISREG(found.st_mode):
+        raise DataError(f"data path is not a file: {path}")
 
 
 def _check_n_seed(n: int, seed: int) -> None:
@@ -239,6 +260,12 @@ def _parse_cell(cell: str, path: Path, line: int, col: int) -> float:
 def _read_pt(path: Path) -> torch.Tensor:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary Python objects
+        raise DataError(
+            f"{path}: cannot read as .pt: it holds Python objects that "
+            "torch.load(weights_only=True) does not unpickle; save a tensor, "
+            "torch.save(tensor, path)"
+        ) from exc
     except Exception as exc:  # torch.load raises many types for corrupt or unsafe files
         raise DataError(f"{path}: cannot read as .pt: {_one_line(exc)}") from exc
     if isinstance(obj, dict):
@@ -254,12 +281,31 @@ def _read_pt(path: Path) -> torch.Tensor:
             )
     if not isinstance(obj, torch.Tensor):
         raise DataError(f"{path}: expected a tensor, got {type(obj).__name__}")
-    if obj.is_complex():
-        raise DataError(f"{path}: complex values are not supported (dtype {obj.dtype})")
-    tensor = obj.detach()
-    if tensor.layout != torch.strided:
-        tensor = tensor.to_dense()
-    return tensor if tensor.is_floating_point() else tensor.to(torch.float32)
+    return _numeric_tensor(obj.detach(), path)
+
+
+def _numeric_tensor(tensor: torch.Tensor, path: Path) -> torch.Tensor:
+    """A dense CPU tensor of plain numbers: float64 stays, other floats, ints and bools
+    become float32 (exact for the floats narrower than 32 bits)."""
+    if tensor.is_complex():
+        raise DataError(f"{path}: complex values are not supported (dtype {tensor.dtype})")
+    if tensor.device.type == "meta":
+        raise DataError(f"{path}: the tensor holds no values (device 'meta'), only a shape")
+    if tensor.is_nested:
+        raise DataError(f"{path}: a nested tensor (rows of different lengths) is not 2-D data")
+    try:
+        if tensor.is_quantized:
+            tensor = tensor.dequantize()
+        if tensor.layout != torch.strided:
+            tensor = tensor.to_dense()
+        if tensor.dtype == torch.float64:
+            return tensor
+        return tensor.to(torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        raise DataError(
+            f"{path}: cannot read the tensor (dtype {tensor.dtype}, layout {tensor.layout}) "
+            f"as numbers: {_one_line(exc)}"
+        ) from exc
 
 
 def _validated(data: torch.Tensor, path: Path, expected_features: int | None) -> torch.Tensor:

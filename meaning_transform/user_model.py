@@ -6,6 +6,10 @@ returns an ``nn.Module`` whose ``forward(x)`` returns a dict with
 like :class:`~meaning_transform.model.MeaningVAE`. Parameters are initialised
 under ``torch.manual_seed(seed)`` inside a forked RNG, so runs are reproducible
 and the caller's global RNG is untouched.
+
+The user's code is guarded wherever it runs (import, build, every forward): an
+exception or a ``sys.exit`` in it becomes a :class:`UserCodeError`, which the CLI
+prints as one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -14,17 +18,25 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
 
 REQUIRED_KEYS = ("reconstruction", "mu", "log_var")
+_BRIEF_MAX = 200  # characters of the user's exception message kept in the error line
 
 
 class ModelSpecError(ValueError):
     """The --model spec cannot be loaded, built or used with the data."""
+
+
+class UserCodeError(ModelSpecError):
+    """The user's code raised (or called ``sys.exit``) at import, in build or in forward."""
 
 
 def _load_callable(spec: str) -> Callable[..., object]:
@@ -34,27 +46,18 @@ def _load_callable(spec: str) -> Callable[..., object]:
             f"--model expects FILE.py:FUNCTION or package.module:FUNCTION, got {spec!r}"
         )
     if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target)
-        if not path.is_file():
-            raise ModelSpecError(f"--model: file not found: {target}")
-        name = f"mtx_user_model_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(name, path)
-        if module_spec is None or module_spec.loader is None:
-            raise ModelSpecError(f"--model: cannot import {target}")
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[name] = module
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as e:  # the user's file: any error is theirs to fix
-            raise ModelSpecError(f"--model: importing {target} raised {_brief(e)}") from e
+        module = _import_file(target)
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise ModelSpecError(f"--model: cannot import module {target!r}: {e}") from e
-        except Exception as e:
-            raise ModelSpecError(f"--model: importing {target} raised {_brief(e)}") from e
-    fn = getattr(module, attr, None)
+            raise ModelSpecError(f"--model: cannot import module {target!r}: {_brief(e)}") from e
+        except (Exception, SystemExit) as e:  # the user's module: any error is theirs to fix
+            raise UserCodeError(f"--model: importing {target} {_raised(e)}") from e
+    try:
+        fn = getattr(module, attr, None)
+    except (Exception, SystemExit) as e:  # a module-level __getattr__
+        raise UserCodeError(f"--model: {target}.{attr} {_raised(e)}") from e
     if fn is None:
         raise ModelSpecError(f"--model: {target} has no attribute {attr!r}")
     if not callable(fn):
@@ -62,8 +65,46 @@ def _load_callable(spec: str) -> Callable[..., object]:
     return fn
 
 
+def _import_file(target: str) -> ModuleType:
+    path = Path(target)
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _brief(e)
+        raise ModelSpecError(f"--model: cannot use {target[:80]!r}: {reason}") from e
+    if not is_file:
+        raise ModelSpecError(f"--model: file not found: {target}")
+    name = f"mtx_user_model_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ModelSpecError(f"--model: cannot import {target}")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as e:  # the user's file: any error is theirs to fix
+        sys.modules.pop(name, None)
+        raise UserCodeError(f"--model: importing {target} {_raised(e)}") from e
+    return module
+
+
+def _raised(e: BaseException) -> str:
+    """``raised TypeError: <first line>``, or ``called sys.exit(0)``."""
+    if isinstance(e, SystemExit):
+        return f"called sys.exit({e.code!r}); user code must return or raise, not exit"
+    return f"raised {_brief(e)}"
+
+
 def _brief(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".splitlines()[0]
+    """``TypeError: <first non-empty line of the message>``, at most ~200 characters."""
+    try:
+        text = str(e)
+    except Exception:  # a user exception whose __str__ itself raises
+        text = ""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if len(line) > _BRIEF_MAX:
+        line = line[: _BRIEF_MAX - 3] + "..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _accepts_input_dim(fn: Callable[..., object]) -> bool:
@@ -79,7 +120,10 @@ def _accepts_input_dim(fn: Callable[..., object]) -> bool:
 def load_model_factory(spec: str) -> Callable[[int, int], nn.Module]:
     """Resolve ``spec`` now (so a bad spec fails before any work) and return a factory.
 
-    The factory takes ``(input_dim, seed)`` and returns a fresh model.
+    The factory takes ``(input_dim, seed)`` and returns a fresh model whose forward is
+    guarded: whatever the user's code raises, or a ``sys.exit`` in it, at any call,
+    becomes a :class:`UserCodeError` naming the spec, and an output that breaks the
+    contract a :class:`ModelSpecError`. A model without trainable parameters is refused.
     """
     fn = _load_callable(spec)
     pass_dim = _accepts_input_dim(fn)
@@ -89,15 +133,66 @@ def load_model_factory(spec: str) -> Callable[[int, int], nn.Module]:
             torch.manual_seed(seed)
             try:
                 model = fn(input_dim=input_dim) if pass_dim else fn()
-            except Exception as e:
-                raise ModelSpecError(f"--model: {spec} raised {_brief(e)}") from e
+            except (Exception, SystemExit) as e:
+                raise UserCodeError(f"--model {spec} {_raised(e)}") from e
         if not isinstance(model, nn.Module):
             raise ModelSpecError(
                 f"--model: {spec} must return a torch.nn.Module, got {type(model).__name__}"
             )
+        _check_trainable(model, spec)
+        _guard_forward(model, spec)
         return model
 
     return build
+
+
+def _check_trainable(model: nn.Module, spec: str) -> None:
+    params = list(model.parameters())
+    what = type(model).__name__
+    if not params:
+        raise ModelSpecError(f"--model {spec}: the {what} it returns has no parameters to train")
+    if not any(p.requires_grad for p in params):
+        raise ModelSpecError(
+            f"--model {spec}: none of the {len(params)} parameters of the {what} it returns "
+            "requires a gradient (all frozen): nothing to train"
+        )
+    if any(p.is_meta for p in params):
+        raise ModelSpecError(
+            f"--model {spec}: the {what} it returns has parameters on the 'meta' device, "
+            "which hold no values; build it on the CPU"
+        )
+
+
+def _guard_forward(model: nn.Module, spec: str) -> None:
+    """Make ``model.forward`` turn the user's exceptions and exits into UserCodeError.
+
+    Set on the instance (``nn.Module.__call__`` calls ``self.forward``), so hooks,
+    parameter names and the class are untouched; a bound method, so ``copy.deepcopy``
+    of the model calls the copy's own forward.
+    """
+    forward = type(model).forward
+
+    def guarded(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            out = forward(self, *args, **kwargs)
+        except ModelSpecError:
+            raise
+        except (Exception, SystemExit) as e:
+            raise UserCodeError(f"--model {spec}: forward {_raised(e)}{_hint(e)}") from e
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            _check_output(out, args[0], f"--model {spec}")
+        return out
+
+    try:
+        model.forward = types.MethodType(guarded, model)  # type: ignore[method-assign]
+    except (AttributeError, TypeError, RuntimeError):  # e.g. a TorchScript module: unguarded
+        pass
+
+
+def _hint(e: BaseException) -> str:
+    if isinstance(e, ValueError) and str(e).startswith("Expected more than 1 value per channel"):
+        return " (batch norm cannot train on a batch of 1 sample: use --batch-size 2 or more)"
+    return ""
 
 
 def check_model(model: nn.Module, data: torch.Tensor, spec: str = "--model") -> None:
@@ -107,12 +202,24 @@ def check_model(model: nn.Module, data: torch.Tensor, spec: str = "--model") -> 
     try:
         with torch.no_grad():
             out = model(data[:2])
-    except Exception as e:
-        raise ModelSpecError(
-            f"{spec}: forward failed on data of shape (B, {data.shape[1]}): {_brief(e)}"
-        ) from e
+    except ModelSpecError as e:
+        if not isinstance(e, UserCodeError) or e.__cause__ is None:
+            raise  # the output broke the contract: the message says how
+        raise UserCodeError(_forward_failed(spec, data, e.__cause__)) from e.__cause__
+    except (Exception, SystemExit) as e:  # an unguarded model (the Python API)
+        raise UserCodeError(_forward_failed(spec, data, e)) from e
     finally:
         model.train(was_training)
+    _check_output(out, data[:2], spec)
+
+
+def _forward_failed(spec: str, data: torch.Tensor, e: BaseException) -> str:
+    what = _raised(e) if isinstance(e, SystemExit) else _brief(e)
+    return f"{spec}: forward failed on data of shape (B, {data.shape[1]}): {what}"
+
+
+def _check_output(out: object, x: torch.Tensor, spec: str) -> None:
+    """Refuse an output that breaks the contract; ``x`` is the input, ``(B, D)``."""
     if not isinstance(out, dict):
         raise ModelSpecError(
             f"{spec}: forward must return a dict with {', '.join(REQUIRED_KEYS)}, "
@@ -124,10 +231,10 @@ def check_model(model: nn.Module, data: torch.Tensor, spec: str = "--model") -> 
     rec, mu, log_var = (out[k] for k in REQUIRED_KEYS)
     if not all(isinstance(t, torch.Tensor) for t in (rec, mu, log_var)):
         raise ModelSpecError(f"{spec}: reconstruction, mu and log_var must be tensors")
-    if tuple(rec.shape) != tuple(data[:2].shape):
+    if tuple(rec.shape) != tuple(x.shape):
         raise ModelSpecError(
             f"{spec}: reconstruction has shape {tuple(rec.shape)}, "
-            f"expected {tuple(data[:2].shape)} to match the data"
+            f"expected {tuple(x.shape)} to match the data"
         )
     if mu.dim() != 2 or mu.shape != log_var.shape or mu.shape[0] != rec.shape[0]:
         raise ModelSpecError(

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -282,3 +284,56 @@ def test_bad_expected_features_is_a_programming_error(tmp_path):
     with pytest.raises(ValueError, match="expected_features") as exc:
         load_data(tmp_path / "d.npy", expected_features=0)
     assert not isinstance(exc.value, DataError)
+
+
+class _NotATensor:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda: torch.empty(3, 10, device="meta"), r"no values \(device 'meta'\)"),
+        (lambda: torch.zeros(3, 10, dtype=torch.complex64), "complex values"),
+        (lambda: "a string", "expected a tensor, got str"),
+        (lambda: {"weights": [1, 2]}, "got a dict with keys \\['weights'\\]"),
+        (lambda: [torch.zeros(3, 10)], "expected a tensor, got list"),
+        (lambda: torch.nested.nested_tensor([torch.zeros(3), torch.zeros(4)]), "nested"),
+        (_NotATensor, "Python objects"),
+    ],
+)
+def test_pt_that_does_not_hold_numbers_is_one_line(tmp_path, make, words):
+    path = tmp_path / "d.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nested tensors are a prototype
+        torch.save(make(), path)
+    with pytest.raises(DataError, match=words) as exc:
+        load_data(path)
+    _single_line(exc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.bool])
+def test_pt_narrow_floats_and_bools_become_float32(tmp_path, dtype):
+    values = torch.tensor([[0.5, 1.0], [0.0, 0.25]]).to(dtype)
+    torch.save(values, tmp_path / "d.pt")
+    loaded = load_data(tmp_path / "d.pt")
+    assert loaded.dtype == torch.float32
+    assert torch.equal(loaded, values.to(torch.float32))
+
+
+def test_pt_float8_and_sparse_are_read(tmp_path):
+    values = torch.tensor([[0.5, 1.0], [0.0, 2.0]])
+    for name, stored in (("f8.pt", values.to(torch.float8_e4m3fn)), ("sp.pt", values.to_sparse())):
+        torch.save(stored, tmp_path / name)
+        assert torch.equal(load_data(tmp_path / name), values)
+
+
+def test_data_paths_the_os_refuses_are_one_line(tmp_path):
+    with pytest.raises(DataError, match="too long for the file system") as exc:
+        load_data(tmp_path / ("a" * 300 + ".npy"))
+    _single_line(exc)
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(DataError, match="not found"):
+        load_data(tmp_path / "file.txt" / "d.npy")  # a parent that is a file
+    with pytest.raises(DataError, match="cannot be used"):
+        load_data("d\x00.npy")

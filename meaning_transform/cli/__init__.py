@@ -10,6 +10,7 @@ import typer
 
 from meaning_transform import __version__
 from meaning_transform.cli import anneal_demo, check_grads, debug_extended, debug_loss
+from meaning_transform.cli.boundary import one_line, print_error, user_message
 
 app = typer.Typer(
     name="mtx",
@@ -56,10 +57,16 @@ def main() -> None:
         if type(e).__name__ == "NoArgsIsHelpError":  # a bare ``mtx``: show the help
             print(e.ctx.get_help() if e.ctx is not None else "")
             sys.exit(0)
-        message = " ".join(e.format_message().split())
-        print(f"error: {message} (see '{where} --help')", file=sys.stderr)
+        message = " ".join(one_line(e.format_message()).split())
+        print(f"error: {message} (see '{one_line(where)} --help')", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # bad input that escaped a command's user_errors_exit
+        message = user_message(e)
+        if message is None:
+            raise  # a bug: keep the traceback
+        print_error(message)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -74,7 +74,7 @@ def anneal_demo(
     opts = common.CommonOptions(
         seed, device, epochs, batch_size, lr, data, json, plot, fail_on, force
     )
-    with common.user_errors_exit():
+    with common.user_errors_exit(json=json), common.progress(enabled=not json) as bar:
         opts.validate()
         common.choice("--schedule", schedule, SCHEDULE_TYPES)
         common.non_negative("--min-beta", min_beta)
@@ -83,8 +83,7 @@ def anneal_demo(
             raise common.UsageProblem(
                 f"--max-beta must be >= --min-beta, got {max_beta} < {min_beta}"
             )
-        if cycles < 1:
-            raise common.UsageProblem(f"--cycles must be at least 1, got {cycles}")
+        common.count_option("--cycles", cycles, 1, common.MAX_CYCLES)
         if not (0 < ratio <= 1 and math.isfinite(ratio)):
             raise common.UsageProblem(f"--ratio must be in (0, 1], got {ratio}")
         if schedule == "cyclical" and epochs < 2 * cycles:
@@ -94,6 +93,7 @@ def anneal_demo(
                 f"needs --epochs {2 * cycles} or more, got {epochs}"
             )
 
+        bar.begin("loading torch")
         from meaning_transform.studies.anneal import run_anneal
         from meaning_transform.studies.report import AnnealConfig
         from meaning_transform.training import BetaSchedule
@@ -108,7 +108,8 @@ def anneal_demo(
             cycles=cycles,
             ratio=ratio,
         )
-        with common.progress("training", total=epochs, enabled=not json) as tick:
-            pipeline = common.pipeline(opts, dataset, factory, fault, "mean", tick)
-            report = run_anneal(pipeline, beta_schedule, options)
-    common.finish(report, opts)
+        bar.begin("training", total=epochs)
+        pipeline = common.pipeline(opts, dataset, factory, fault, "mean", bar)
+        report = run_anneal(pipeline, beta_schedule, options)
+        bar.close()
+        common.finish(report, opts)

@@ -77,9 +77,9 @@ def check_grads(
     opts = common.CommonOptions(
         seed, device, epochs, batch_size, lr, data, json, plot, fail_on, force
     )
-    with common.user_errors_exit():
+    with common.user_errors_exit(json=json), common.progress(enabled=not json) as bar:
         opts.validate()
-        common.choice("--reduction", reduction, ("mean", "sum"))
+        common.choice("--reduction", reduction, common.REDUCTIONS)
         for name, value in (
             ("--kl-weight", kl_weight),
             ("--recon-weight", recon_weight),
@@ -90,6 +90,7 @@ def check_grads(
         if clip is not None and not (clip > 0 and math.isfinite(clip)):
             raise common.UsageProblem(f"--clip must be a positive number, got {clip}")
 
+        bar.begin("loading torch")
         from meaning_transform.studies.check_grads import run_check_grads
         from meaning_transform.studies.report import CheckGradsConfig
 
@@ -101,15 +102,16 @@ def check_grads(
             semantic_weight=semantic_weight,
             clip=clip,
         )
-        with common.progress("training", total=epochs, enabled=not json) as tick:
-            pipeline = common.pipeline(
-                opts, dataset, factory, fault, reduction, tick, clip_grad_norm=clip
-            )
-            report = run_check_grads(
-                pipeline,
-                options,
-                recon=recon_weight,
-                kl=kl_weight,
-                semantic=0.5 if semantic_weight is None else semantic_weight,
-            )
-    common.finish(report, opts)
+        bar.begin("training", total=epochs)
+        pipeline = common.pipeline(
+            opts, dataset, factory, fault, reduction, bar, clip_grad_norm=clip
+        )
+        report = run_check_grads(
+            pipeline,
+            options,
+            recon=recon_weight,
+            kl=kl_weight,
+            semantic=0.5 if semantic_weight is None else semantic_weight,
+        )
+        bar.close()
+        common.finish(report, opts)

@@ -5,56 +5,71 @@ Nothing here imports torch at module level: ``mtx --help`` must stay fast.
 
 from __future__ import annotations
 
-import json
+import errno
 import math
 import os
+import secrets
+import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
-if TYPE_CHECKING:
-    from rich.console import Console
+from meaning_transform.cli.boundary import (  # noqa: F401 (the commands call common.X)
+    UsageProblem,
+    fail,
+    real_stdout,
+    stdout_to_stderr,
+    user_errors_exit,
+)
+from meaning_transform.cli.console import console  # noqa: F401 (moved; re-exported)
+from meaning_transform.constants import DEVICES, REDUCTIONS  # noqa: F401
+from meaning_transform.diagnostics.findings import FAIL_ON
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-FAIL_ON = ("never", "error", "warning")
+# ---- limits on what the user may ask for (one place; the help texts quote them) ----
 
-_consoles: dict[str, Console] = {}
-
-
-def console(stderr: bool = False) -> Console:
-    """The shared Rich console for stdout (or stderr), built on first use.
-
-    Built lazily because importing Rich costs about 25 ms that ``mtx --help`` does not need.
-    Piped stdout gets 120 columns rather than Rich's 80, so tables stay readable in CI logs.
-    """
-    key = "err" if stderr else "out"
-    if key not in _consoles:
-        from rich.console import Console
-
-        width = None if stderr or sys.stdout.isatty() else 120
-        _consoles[key] = Console(stderr=stderr, highlight=False, width=width)
-    return _consoles[key]
-
-
-class UsageProblem(ValueError):
-    """An option value or a path the user gave cannot be used."""
+# torch.manual_seed and torch.Generator.manual_seed take 64 bits (signed or unsigned);
+# numpy's generators refuse negative seeds, so the common range is [0, 2**64).
+MAX_SEED = 2**64 - 1
+# An epoch of the built-in setup takes ~50 ms with the doctor attached: 10,000 epochs is
+# ~10 minutes per run, far past what a diagnosis needs; --epochs 1000000 would run for days.
+MAX_EPOCHS = 10_000
+# Larger than any batch a CPU diagnosis uses; 0 (full batch) covers bigger data sets.
+MAX_BATCH_SIZE = 1_000_000
+# debug-extended --samples, per data kind (5 kinds, two runs each): 100,000 rows is
+# minutes; beyond that it is a typo, not a diagnosis (the default is 256).
+MAX_SAMPLES = 100_000
+# debug-loss --every: a table every K epochs; K beyond --epochs shows the first and last.
+MAX_EVERY = MAX_EPOCHS
+# anneal-demo --cycles: the cyclical schedule needs two epochs per cycle.
+MAX_CYCLES = MAX_EPOCHS // 2
 
 
 # ---- option types (one place, so all four commands read the same) ----
 
-Seed = Annotated[int, typer.Option("--seed", help="Seed for the model, data, noise and shuffling.")]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        help="Seed for the model, data, noise and shuffling: 0 to 2**64-1 "
+        "(what torch and numpy both accept).",
+    ),
+]
 Device = Annotated[
     str, typer.Option("--device", help="auto|cpu|cuda|mps; auto falls back to cpu.")
 ]
-Epochs = Annotated[int, typer.Option("--epochs", help="Training epochs per run.")]
+Epochs = Annotated[
+    int, typer.Option("--epochs", help=f"Training epochs per run, 1 to {MAX_EPOCHS:,}.")
+]
 BatchSize = Annotated[
-    int, typer.Option("--batch-size", help="Mini-batch size (0 = full batch).")
+    int,
+    typer.Option(
+        "--batch-size", help=f"Mini-batch size, 0 (full batch) to {MAX_BATCH_SIZE:,}."
+    ),
 ]
 Lr = Annotated[float, typer.Option("--lr", help="Adam learning rate.")]
 DataPath = Annotated[
@@ -94,28 +109,18 @@ class CommonOptions:
     def validate(self) -> CommonOptions:
         choice("--device", self.device, DEVICES)
         choice("--fail-on", self.fail_on, FAIL_ON)
-        if self.epochs < 1:
-            raise UsageProblem(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 0:
+        check_seed(self.seed)
+        count_option("--epochs", self.epochs, 1, MAX_EPOCHS)
+        if not 0 <= self.batch_size <= MAX_BATCH_SIZE:
             raise UsageProblem(
-                f"--batch-size must be 0 (full batch) or more, got {self.batch_size}"
+                f"--batch-size must be 0 (full batch) to {MAX_BATCH_SIZE:,}, "
+                f"got {self.batch_size:,}"
             )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageProblem(f"--lr must be a positive number, got {self.lr}")
         if self.plot is not None:
             check_output_path("--plot", self.plot, self.force, suffix=".png")
         return self
-
-    def config(self) -> dict[str, Any]:
-        """The options as they appear in the JSON ``config`` block."""
-        return {
-            "seed": self.seed,
-            "device": self.device,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "data": str(self.data) if self.data is not None else None,
-        }
 
 
 def choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -130,101 +135,273 @@ def non_negative(option: str, value: float) -> float:
     return value
 
 
-def check_output_path(option: str, path: Path, force: bool, suffix: str) -> None:
-    """Refuse before any work is done: wrong suffix, missing dir, existing file."""
-    if path.suffix.lower() != suffix:
-        raise UsageProblem(f"{option} must end in {suffix}, got {str(path)!r}")
-    if path.is_dir():
-        raise UsageProblem(f"{option} {str(path)!r} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageProblem(f"{option}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageProblem(f"{option}: directory {str(parent)!r} is not writable")
-    if path.exists() and not force:
-        raise UsageProblem(f"{option}: {str(path)!r} already exists (use --force to overwrite)")
+def count_option(option: str, value: int, minimum: int, maximum: int) -> int:
+    """Refuse a count outside ``[minimum, maximum]``; the limits are the MAX_* above.
 
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, then rename into place."""
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input, not a bug. Imported lazily (torch)."""
-    from meaning_transform.data import DataError
-    from meaning_transform.training import DeviceError
-
-    errors: list[type[BaseException]] = [UsageProblem, DataError, DeviceError]
-    try:
-        from meaning_transform.user_model import ModelSpecError
-
-        errors.append(ModelSpecError)
-    except ImportError:  # the --model loader is not part of this build
-        pass
-    return tuple(errors)
-
-
-@contextmanager
-def user_errors_exit() -> Iterator[None]:
-    """Turn bad-input exceptions into one red line on stderr and exit code 2."""
-    try:
-        yield
-    except UsageProblem as e:
-        fail(str(e))
-    except Exception as e:
-        if isinstance(e, _user_errors()):
-            fail(str(e))
-        raise
-
-
-def fail(message: str) -> None:
-    console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def clean_json(value: Any) -> Any:
-    """Make a result JSON-safe and stable: non-finite floats become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
+    Example: ``count_option("--samples", samples, 2, MAX_SAMPLES)``.
+    """
+    if value < minimum:
+        raise UsageProblem(f"{option} must be at least {minimum}, got {value}")
+    if value > maximum:
+        raise UsageProblem(f"{option} must be at most {maximum:,}, got {value:,}")
     return value
 
 
-def emit_json(result: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(clean_json(result), indent=2, allow_nan=False) + "\n")
-    sys.stdout.flush()
+def check_seed(seed: int) -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageProblem(f"--seed must be between 0 and 2**64-1 ({MAX_SEED}), got {seed}")
+    return seed
+
+
+def check_batch_size(model: Any, batch_size: int, n_samples: int) -> None:
+    """Refuse a --batch-size that gives ``model`` a training batch of one sample when it
+    has batch norm: batch norm cannot normalise a single sample in training mode.
+
+    ``batch_size`` is the option (0 = full batch), ``n_samples`` the rows trained on;
+    batches are cut as ``training.train`` cuts them.
+    """
+    if min(batch_sizes(n_samples, batch_size), default=2) > 1:
+        return
+    from torch import nn
+
+    norms = [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if norms:
+        raise UsageProblem(
+            f"--batch-size {batch_size} with {n_samples} rows gives a training batch of 1 "
+            f"sample, and the model's batch norm ({norms[0]!r}) cannot train on one; "
+            "use --batch-size 2 or more, or 0 for the full batch"
+        )
+
+
+def batch_sizes(n_samples: int, batch_size: int) -> list[int]:
+    """The sizes of the batches ``training.train`` cuts per epoch (0 = full batch).
+
+    As ``training._batches``: batches of ``batch_size``, and a last batch of one
+    sample joins the one before it.
+    """
+    if n_samples < 1:
+        return []
+    size = n_samples if batch_size == 0 else min(batch_size, n_samples)
+    sizes = [size] * (n_samples // size) + ([n_samples % size] if n_samples % size else [])
+    if len(sizes) > 1 and sizes[-1] == 1:
+        sizes[-2:] = [sizes[-2] + 1]
+    return sizes
+
+
+def check_output_path(option: str, path: Path, force: bool, suffix: str) -> None:
+    """Refuse, before any work is done, whatever would make the final write fail.
+
+    A wrong suffix, a name too long for the file system, a path whose parent is a file,
+    a missing directory or one this process cannot create files in (tried, not guessed:
+    ``os.access`` says yes to root on a read-only file system), a directory or other
+    non-file at the path, and an existing file without ``force``.
+    """
+    if path.suffix.lower() != suffix:
+        raise UsageProblem(f"{option} must end in {suffix}, got {str(path)!r}")
+    found = _stat(option, path)
+    if found is not None:
+        if stat.S_ISDIR(found.st_mode):
+            raise UsageProblem(f"{option} {str(path)!r} is a directory")
+        if not stat.S_ISREG(found.st_mode):
+            raise UsageProblem(f"{option} {str(path)!r} exists and is not a regular file")
+    if (found is not None or os.path.islink(path)) and not force:
+        raise UsageProblem(f"{option}: {str(path)!r} already exists (use --force to overwrite)")
+    parent = path.parent
+    found = _stat(option, parent)
+    if found is None:
+        raise UsageProblem(f"{option}: directory {str(parent)!r} does not exist")
+    if not stat.S_ISDIR(found.st_mode):
+        raise UsageProblem(f"{option}: {str(parent)!r} is not a directory")
+    try:
+        _new_temp_file(path).unlink()
+    except OSError as e:
+        raise UsageProblem(
+            f"{option}: cannot create files in directory {str(parent)!r}: {_reason(e)}"
+        ) from None
+
+
+def _stat(option: str, path: Path) -> os.stat_result | None:
+    """``os.stat(path)``, None when nothing is there; any other failure is the user's."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        raise UsageProblem(
+            f"{option} {str(path)!r}: a parent of it is a file, not a directory"
+        ) from None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise UsageProblem(
+                f"{option}: name too long for the file system: {_shortened(path)}"
+            ) from None
+        raise UsageProblem(f"{option}: cannot use {str(path)!r}: {_reason(e)}") from None
+    except ValueError as e:  # an embedded NUL byte
+        raise UsageProblem(f"{option}: cannot use {str(path)!r}: {e}") from None
+
+
+def _shortened(path: Path, keep: int = 60) -> str:
+    text = str(path)
+    if len(text) <= keep:
+        return text
+    return f"{text[: keep - 20]}...{text[-16:]} ({len(os.fsencode(text))} bytes)"
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _new_temp_file(path: Path) -> Path:
+    """Create an empty, uniquely named file next to ``path`` and return its path.
+
+    Opened with mode 0o666, so the umask gives it (and the file it becomes) the usual
+    permissions, unlike ``tempfile.mkstemp``'s 0600. The name stays short, so a
+    ``path`` whose own name is near the length limit still gets a temporary file.
+    """
+    for _ in range(100):
+        name = f".{path.stem[:48]}.{secrets.token_hex(4)}.tmp{path.suffix[:16]}"
+        tmp = path.parent / name
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], *, force: bool = False) -> None:
+    """Write through a temporary file in the same directory, then move it into place.
+
+    ``path`` appears whole or not at all. Without ``force`` the move is exclusive (a
+    hard link, which fails if ``path`` exists): of two runs writing the same path at
+    once, the first to finish wins and the other refuses with :class:`UsageProblem`.
+    With ``force`` the file is replaced (``os.replace``). The new file gets the usual
+    permissions (0o666 less the umask). An ``OSError`` (disk full, say) becomes a
+    :class:`UsageProblem` naming ``path``; the temporary file is always removed.
+    """
+    try:
+        tmp = _new_temp_file(path)
+    except OSError as e:
+        raise UsageProblem(f"cannot write {str(path)!r}: {_reason(e)}") from None
+    try:
+        write(tmp)
+        if force:
+            os.replace(tmp, path)
+        else:
+            _move_exclusively(tmp, path)
+    except FileExistsError:
+        raise UsageProblem(
+            f"{str(path)!r} was created by something else while mtx ran; it was left as it "
+            "is (use --force to overwrite)"
+        ) from None
+    except OSError as e:
+        raise UsageProblem(f"cannot write {str(path)!r}: {_reason(e)}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _move_exclusively(tmp: Path, path: Path) -> None:
+    """Give ``tmp`` the name ``path``, failing with FileExistsError if ``path`` exists."""
+    try:
+        os.link(tmp, path)  # atomic, and refuses an existing path
+        return
+    except FileExistsError:
+        raise
+    except (OSError, NotImplementedError):  # no hard links here (FAT, some network mounts)
+        pass
+    # Claim the name first, then replace the empty claim: readers may briefly see an
+    # empty file, but never another run's file overwritten.
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    os.replace(tmp, path)
+
+
+class ProgressBar:
+    """What :func:`progress` yields: one bar whose phase and length can change.
+
+    ``begin(description, total)`` starts a phase with a fresh count, clock and ETA
+    (``total=None``: length unknown yet, the bar pulses); ``advance()``, or calling the
+    bar itself (``on_epoch=bar`` works), counts one unit. A disabled bar ignores all.
+    """
+
+    def __init__(self, bar: Any = None, description: str = "", total: int | None = None):
+        self._bar = bar
+        self._task: Any = None
+        if bar is not None:
+            self._task = bar.add_task(description, total=total)
+
+    def begin(self, description: str, total: int | None = None) -> None:
+        if self._bar is not None:
+            self._bar.remove_task(self._task)
+            self._task = self._bar.add_task(description, total=total)
+
+    def advance(self, units: float = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, units)
+
+    def __call__(self, *_: object) -> None:
+        self.advance()
+
+    def close(self) -> None:
+        """Take the bar off the screen now (before the report prints); idempotent."""
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 @contextmanager
-def progress(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[], None]]:
-    """A transient progress bar on stderr; ``advance()`` once per unit of work."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+def progress(
+    description: str = "starting", total: int | None = None, enabled: bool = True
+) -> Iterator[ProgressBar]:
+    """A transient progress bar on stderr, shown only when stderr is a terminal.
+
+    Cheap to open before torch is imported (Rich is imported only when the bar will be
+    shown), so a command can show it from its start::
+
+        with common.progress("loading torch", enabled=not json) as bar:
+            from meaning_transform.studies... import run  # imports torch
+            bar.begin("training", total=epochs)
+            run(..., on_epoch=bar)
+    """
+    if not (enabled and sys.stderr.isatty()):
+        yield ProgressBar()
+        return
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Count(ProgressColumn):
+        """``3/16``; nothing while the length is unknown."""
+
+        def render(self, task: Any) -> Text:
+            if task.total is None:
+                return Text("")
+            return Text(f"{int(task.completed)}/{int(task.total)}")
 
     err = console(stderr=True)
     bar = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+        Count(),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=err,
         transient=True,
-        disable=not (enabled and err.is_terminal),
+        disable=not err.is_terminal,
     )
     with bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
+        yield ProgressBar(bar, description, total)
 
 
 def train_config(opts: CommonOptions, **overrides: Any) -> Any:
@@ -241,44 +418,72 @@ def train_config(opts: CommonOptions, **overrides: Any) -> Any:
     )
 
 
-def save_plot(result: dict[str, Any], opts: CommonOptions, figure: str) -> None:
-    """With --plot, draw ``plots.<figure>(result)`` and write it as a PNG, atomically.
-
-    matplotlib is imported only here, so a run without --plot never loads it.
-    """
-    if opts.plot is None:
-        return
-    from meaning_transform import plots
-
-    fig = getattr(plots, figure)(result)
-    write_atomically(opts.plot, lambda tmp: plots.save_png(fig, tmp))
-    result["plot"] = str(opts.plot)
-
-
-def finish(result: dict[str, Any], opts: CommonOptions) -> None:
-    """Render the result (table or JSON) and exit with the code its findings call for."""
-    from meaning_transform.cli import render
-    from meaning_transform.diagnostics.findings import exit_code_for
-
-    code = exit_code_for((f["severity"] for f in result.get("findings", [])), opts.fail_on)
-    ordered = {
-        "command": result["command"],
-        "version": _version(),
-        "config": result.pop("config", {}),
-        **{k: v for k, v in result.items() if k != "command"},
-        "exit_code": code,
+def run_options(
+    opts: CommonOptions, model: str | None, scenario: str, reduction: str = "mean"
+) -> dict[str, Any]:
+    """The fields of the report's ``config`` (a ``RunConfig``) the common options give."""
+    return {
+        "seed": opts.seed,
+        "device": opts.device,
+        "epochs": opts.epochs,
+        "batch_size": opts.batch_size,
+        "lr": opts.lr,
+        "data": str(opts.data) if opts.data is not None else None,
+        "model": model,
+        "scenario": scenario,
+        "reduction": reduction,
+        "fail_on": opts.fail_on,
+        "plot": str(opts.plot) if opts.plot is not None else None,
     }
+
+
+def pipeline(
+    opts: CommonOptions,
+    dataset: Any,
+    factory: Any,
+    scenario: Any,
+    reduction: str,
+    on_epoch: Callable[[], None] | None,
+    **train_overrides: Any,
+) -> Any:
+    """The run pipeline the options describe (see ``studies.pipeline.Pipeline``)."""
+    from meaning_transform.studies.pipeline import Pipeline
+
+    return Pipeline(
+        dataset=dataset,
+        train_config=train_config(opts, **train_overrides),
+        reduction=reduction,
+        model_factory=factory,
+        scenario=scenario,
+        on_epoch=on_epoch,
+    )
+
+
+def finish(report: Any, opts: CommonOptions) -> None:
+    """Write the --plot figure, print the report (table or JSON), exit with its code.
+
+    Call it inside ``user_errors_exit``. The figure is written first, so a figure that
+    cannot be written ends in one error line with nothing on stdout. matplotlib is
+    imported only with --plot.
+    """
+    if opts.plot is not None:
+        from meaning_transform import plots
+
+        fig = plots.figure(report)
+        write_atomically(opts.plot, lambda tmp: plots.save_png(fig, tmp), force=opts.force)
     if opts.json:
-        emit_json(ordered)
+        from meaning_transform.studies.report import to_json
+
+        with real_stdout():
+            sys.stdout.write(to_json(report))
+            sys.stdout.flush()
     else:
-        render.render(ordered)
-    raise typer.Exit(code)
+        from meaning_transform.cli import render
 
-
-def _version() -> str:
-    from meaning_transform import __version__
-
-    return __version__
+        render.render(report)
+        if opts.plot is not None:
+            console().print(f"plot saved to {opts.plot}", markup=False)
+    raise typer.Exit(report.exit_code)
 
 
 ModelSpec = Annotated[
@@ -323,14 +528,21 @@ def model_and_scenario(model_spec: str | None, scenario_name: str) -> tuple[Any,
     return load_model_factory(model_spec), None
 
 
-def checked_factory(factory: Any, dataset: Any, seed: int, spec: str | None) -> Any:
-    """Build the user's model once on the data and check its output contract."""
-    if factory is None:
-        return None
-    from meaning_transform.user_model import check_model
+def checked_model(
+    factory: Any, dataset: Any, opts: CommonOptions, spec: str | None, scenario: Any = None
+) -> None:
+    """Build the model once on the data: the user's is checked against the output
+    contract; either must be able to train on the batches --batch-size gives."""
+    if factory is not None:
+        from meaning_transform.user_model import check_model
 
-    check_model(factory(dataset.n_features, seed), dataset.tensor, spec or "--model")
-    return factory
+        model = factory(dataset.n_features, opts.seed)
+        check_model(model, dataset.tensor, f"--model {spec}")
+    else:
+        from meaning_transform.studies.setup import default_model
+
+        model = default_model(dataset.n_features, opts.seed, dataset.tensor, scenario)
+    check_batch_size(model, opts.batch_size, int(dataset.tensor.shape[0]))
 
 
 def prepare(
@@ -348,7 +560,7 @@ def prepare(
 
     factory, scenario = model_and_scenario(model_spec, scenario_name)
     dataset = get_data(opts.data, seed=opts.seed, scenario=scenario)
-    factory = checked_factory(factory, dataset, opts.seed, model_spec)
+    checked_model(factory, dataset, opts, model_spec, scenario)
     if semantic_weight and not dataset.agent_layout:
         raise UsageProblem(
             f"--semantic-weight needs the agent-state layout (10 features per row), "

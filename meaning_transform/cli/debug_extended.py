@@ -22,10 +22,9 @@ from meaning_transform.cli.common import (
     Seed,
 )
 
-# Kept here as well as in data.DATA_KINDS so that --help never imports torch.
-DATA_KIND_CHOICES: tuple[str, ...] = (
-    "all", "agent_states", "normal", "uniform", "binary", "one_hot"
-)
+from meaning_transform.constants import DATA_KINDS
+
+DATA_KIND_CHOICES: tuple[str, ...] = ("all", *DATA_KINDS)
 
 
 def debug_extended(
@@ -80,12 +79,12 @@ def debug_extended(
     opts = common.CommonOptions(
         seed, device, epochs, batch_size, lr, data, json, plot, fail_on, force
     )
-    with common.user_errors_exit():
+    with common.user_errors_exit(json=json), common.progress(enabled=not json) as bar:
         opts.validate()
         common.choice("--data-kind", data_kind, DATA_KIND_CHOICES)
-        common.choice("--reduction", reduction, ("mean", "sum"))
-        if samples is not None and samples < 2:
-            raise common.UsageProblem(f"--samples must be at least 2, got {samples}")
+        common.choice("--reduction", reduction, common.REDUCTIONS)
+        if samples is not None:
+            common.count_option("--samples", samples, 2, common.MAX_SAMPLES)
         if data is not None and data_kind != "all":
             raise common.UsageProblem(
                 f"--data-kind {data_kind} cannot be used with --data: the file is the data"
@@ -93,10 +92,14 @@ def debug_extended(
         if data is not None and samples is not None:
             raise common.UsageProblem("--samples cannot be used with --data: the file is the data")
 
+        bar.begin("loading torch")
+        from dataclasses import replace
+
         from meaning_transform.studies.debug_extended import (
             extended_datasets,
             run_debug_extended,
         )
+        from meaning_transform.studies.report import DebugExtendedConfig
 
         factory, fault = common.model_and_scenario(model, scenario)
         sizes = {} if samples is None else {"n": samples}
@@ -105,25 +108,14 @@ def debug_extended(
         if n < 2:
             raise common.UsageProblem(f"the data has {n} sample(s); need at least 2")
         for dataset in datasets:
-            factory = common.checked_factory(factory, dataset, seed, model)
-        train_config = common.train_config(opts)
-        total = 2 * epochs * len(datasets)  # main run + annealing run per kind
-        with common.progress("debugging", total=total, enabled=not json) as tick:
-            result = run_debug_extended(
-                datasets,
-                train_config,
-                reduction=reduction,
-                model_factory=factory,
-                on_epoch=tick,
-                scenario=fault,
-            )
-        result["config"] = {
-            **opts.config(),
-            "data_kind": "file" if data is not None else data_kind,
-            "samples": n,
-            "reduction": reduction,
-            "model": model,
-            "scenario": scenario,
-        }
-        common.save_plot(result, opts, "debug_extended_figure")
-    common.finish(result, opts)
+            common.checked_model(factory, dataset, opts, model, fault)
+        options = DebugExtendedConfig(
+            **common.run_options(opts, model, scenario, reduction),
+            data_kind="file" if data is not None else data_kind,
+            samples=n,
+        )
+        bar.begin("debugging", total=2 * epochs * len(datasets))  # main + annealing run
+        pipeline = common.pipeline(opts, datasets[0], factory, fault, reduction, bar)
+        report = run_debug_extended(lambda d: replace(pipeline, dataset=d), datasets, options)
+        bar.close()
+        common.finish(report, opts)

@@ -63,11 +63,10 @@ def debug_loss(
     opts = common.CommonOptions(
         seed, device, epochs, batch_size, lr, data, json, plot, fail_on, force
     )
-    with common.user_errors_exit():
+    with common.user_errors_exit(json=json), common.progress(enabled=not json) as bar:
         opts.validate()
-        common.choice("--reduction", reduction, ("mean", "sum"))
-        if every < 0:
-            raise common.UsageProblem(f"--every must be 0 or more, got {every}")
+        common.choice("--reduction", reduction, common.REDUCTIONS)
+        common.count_option("--every", every, 0, common.MAX_EVERY)
         for name, value in (
             ("--kl-weight", kl_weight),
             ("--recon-weight", recon_weight),
@@ -76,6 +75,7 @@ def debug_loss(
             if value is not None:
                 common.non_negative(name, value)
 
+        bar.begin("loading torch")
         from meaning_transform.studies.debug_loss import PRESETS, WeightConfig, run_debug_loss
         from meaning_transform.studies.report import DebugLossConfig
 
@@ -99,7 +99,8 @@ def debug_loss(
             semantic_weight=semantic_weight,
             every=every,
         )
-        with common.progress("training", total=epochs * len(configs), enabled=not json) as tick:
-            pipeline = common.pipeline(opts, dataset, factory, fault, reduction, tick)
-            report = run_debug_loss(pipeline, configs, options)
-    common.finish(report, opts)
+        bar.begin("training", total=epochs * len(configs))
+        pipeline = common.pipeline(opts, dataset, factory, fault, reduction, bar)
+        report = run_debug_loss(pipeline, configs, options)
+        bar.close()
+        common.finish(report, opts)

@@ -3,9 +3,10 @@
 Definitions (the references the tests hold us to):
 
 - KL per dimension: KL(N(mu_j, exp(lv_j)) || N(0, 1)) = 0.5 (exp(lv) + mu^2 - 1 - lv),
-  averaged over the batch. ``log_var`` is clamped to [-30, 20] first, the same range the
-  KL loss uses: exp stays finite in float32 and the value equals
-  ``torch.distributions.kl_divergence`` wherever ``log_var`` is inside the range.
+  averaged over the batch: the loss library's :func:`~meaning_transform.losses.kl.kl_per_dim`,
+  so one formula and one clamp (``log_var`` to [LOG_VAR_MIN, LOG_VAR_MAX] = [-30, 20])
+  serve the loss and this report. The value equals ``torch.distributions.kl_divergence``
+  wherever ``log_var`` is inside the range.
 - Active units (Burda et al. 2016): unit j is active if Var_x(E_q[z_j | x]) = Var_x(mu_j)
   > 0.01. We use the unbiased variance (divide by N - 1), as the reference implementation
   of He et al. 2019 ("Lagging inference networks") does; it needs N >= 2 samples.
@@ -25,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from meaning_transform.diagnostics._modes import evaluating
-
-LOG_VAR_CLAMP = (-30.0, 20.0)  # same as the KL loss; see the module docstring
+from meaning_transform.losses.kl import kl_per_dim as kl_per_dimension
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,7 @@ def latent_health(
     if n < 2:
         raise ValueError(f"expected at least 2 samples to measure activity, got {n}")
     mu = mu.detach()
-    lv = log_var.detach().to(mu.dtype).clamp(*LOG_VAR_CLAMP)
-    kl_per_dim = (0.5 * (lv.exp() + mu.pow(2) - 1.0 - lv)).mean(dim=0)  # (Z,)
+    kl_per_dim = kl_per_dimension(mu, log_var.detach().to(mu.dtype))  # (Z,)
     activity = mu.var(dim=0, correction=1)  # (Z,)
     free_bits = kl_per_dim.clamp(min=free_bits_lambda).sum()
     non_finite = (~torch.isfinite(mu)).sum() + (~torch.isfinite(log_var.detach())).sum()

@@ -26,6 +26,7 @@ from meaning_transform.diagnostics.thresholds import (
     NO_GRAD_RELATIVE,
     OSC_RISE,
     OSC_RISE_SHARE,
+    OSC_SPIKE,
     OSCILLATION_MIN_EPOCHS,
     PLATEAU_IMPROVEMENT,
     PLATEAU_MIN_EPOCHS,
@@ -549,13 +550,16 @@ def loss_plateau(ev: RunEvidence) -> list[Finding]:
 
 @rule
 def loss_oscillation(ev: RunEvidence) -> list[Finding]:
-    """The epoch total jumps back up (by > 5%) again and again instead of settling."""
+    """The epoch total jumps back up (by > 5%) again and again instead of settling, or
+    jumps more than OSC_SPIKE-fold in one epoch (a step too large for the loss surface;
+    a short run may show one such spike before the loss settles)."""
     totals = [r.total for r in ev.records]
     if len(totals) < OSCILLATION_MIN_EPOCHS or not all(math.isfinite(t) for t in totals):
         return []
     rises = [b / a - 1 for a, b in zip(totals, totals[1:]) if a > 0 and b > a * (1 + OSC_RISE)]
     moves = len(totals) - 1
-    if len(rises) < max(2, OSC_RISE_SHARE * moves):
+    spike = bool(rises) and max(rises) + 1 > OSC_SPIKE
+    if len(rises) < max(2, OSC_RISE_SHARE * moves) and not spike:
         return []
     return [
         Finding(

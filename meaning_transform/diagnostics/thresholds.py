@@ -25,6 +25,7 @@ PLATEAU_IMPROVEMENT = 0.01  # total must fall by 1% between first and last epoch
 PLATEAU_MIN_EPOCHS = 3
 OSC_RISE = 0.05  # an epoch total more than 5% above the previous one is a rise ...
 OSC_RISE_SHARE = 0.2  # ... and at least 2 rises in 20% of the moves is oscillation
+OSC_SPIKE = 10.0  # ... or one epoch total more than 10x the one before it
 OSCILLATION_MIN_EPOCHS = 5
 CONFLICT_SHARE = 0.5  # share of attributed steps with cos < 0 for "sustained" ...
 CONFLICT_INFO = -0.25  # ... with a mean cosine below this (mild conflict is normal)

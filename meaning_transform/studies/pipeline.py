@@ -103,11 +103,16 @@ class Pipeline:
         dataset: Dataset | None = None,
         not_applicable: Sequence[str] = (),
         because: str = "",
+        on_attach: Callable[[Doctor], None] | None = None,
+        unless_found: Sequence[NotChecked] = (),
     ) -> Diagnosed:
         """Train with the Doctor attached; evaluate the rules on what it saw.
 
         Rules named in ``not_applicable`` are dropped from the findings and listed as
         not checked with ``because`` (anneal-demo's trend rules while β changes).
+        ``on_attach`` is called with the Doctor once its hooks are attached, before
+        training (debug-extended counts the hooks). ``unless_found`` are listed as not
+        checked unless their rule fired anyway.
         """
         config = config or self.config
         data = (dataset or self.dataset).tensor
@@ -116,10 +121,12 @@ class Pipeline:
         steps = config.epochs * math.ceil(n / batch)
         doctor = Doctor(model, where=where, attribute_every=max(1, steps // ATTRIBUTIONS_PER_RUN))
         with doctor:
+            if on_attach is not None:
+                on_attach(doctor)
             result = train(model, loss_fn, data, config, callbacks=(doctor, *callbacks),
                            on_epoch=self.tick())
         evidence = doctor.evidence(result.records, data=data, batch_size=result.batch_size)
-        return self.evaluate(where, result, evidence, not_applicable, because)
+        return self.evaluate(where, result, evidence, not_applicable, because, unless_found)
 
     def evaluate(
         self,
@@ -128,12 +135,15 @@ class Pipeline:
         evidence: RunEvidence,
         not_applicable: Sequence[str] = (),
         because: str = "",
+        unless_found: Sequence[NotChecked] = (),
     ) -> Diagnosed:
         """Findings, checks that could not run, and the typed diagnosis of one run."""
         skipped = set(not_applicable)
         findings = tuple(f for f in evaluate(evidence) if f.code not in skipped)
         missing = [c for c in not_checked(evidence) if c.code not in skipped]
         missing += [NotChecked(code, because) for code in not_applicable]
+        fired = {f.code for f in findings}
+        missing += [c for c in unless_found if c.code not in fired]
         from meaning_transform.diagnostics.attribution import summarise_attributions
 
         diagnosis = Diagnosis(

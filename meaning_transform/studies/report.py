@@ -42,50 +42,53 @@ def frozen(mapping: Mapping[str, V]) -> Mapping[str, V]:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """The options every command takes, as the user gave them."""
+    """The options every command takes, as the user gave them (defaults: the CLI's)."""
 
-    seed: int
-    device: str  # as requested ("auto"); the report's ``device`` is the one used
-    epochs: int
-    batch_size: int  # 0 = full batch
-    lr: float
-    data: str | None
-    model: str | None
-    scenario: str
-    reduction: str
-    fail_on: str
-    plot: str | None
+    seed: int = 0
+    device: str = "auto"  # as requested; the report's ``device`` is the one used
+    epochs: int = 10
+    batch_size: int = 128  # 0 = full batch
+    lr: float = 1e-3
+    data: str | None = None
+    model: str | None = None
+    scenario: str = "healthy"
+    reduction: str = "mean"
+    fail_on: str = "error"
+    plot: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class DebugLossConfig(RunConfig):
-    recon_weight: float | None
-    kl_weight: float | None
-    semantic_weight: float | None
-    every: int
+    recon_weight: float | None = None  # None: the presets
+    kl_weight: float | None = None
+    semantic_weight: float | None = None
+    every: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
 class AnnealConfig(RunConfig):
-    schedule: str
-    min_beta: float
-    max_beta: float
-    cycles: int
-    ratio: float
+    epochs: int = 16
+    schedule: str = "sigmoid"
+    min_beta: float = 0.0
+    max_beta: float = 1.0
+    cycles: int = 4
+    ratio: float = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
 class CheckGradsConfig(RunConfig):
-    recon_weight: float
-    kl_weight: float
-    semantic_weight: float | None
-    clip: float | None
+    epochs: int = 3
+    recon_weight: float = 1.0
+    kl_weight: float = 0.1
+    semantic_weight: float | None = None  # None: 0.5 on agent states, else off
+    clip: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class DebugExtendedConfig(RunConfig):
-    data_kind: str  # "file" with --data
-    samples: int
+    epochs: int = 5
+    data_kind: str = "all"  # "file" with --data
+    samples: int = 256
 
 
 # --------------------------------------------------------------------------- shared parts

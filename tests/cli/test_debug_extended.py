@@ -15,8 +15,9 @@ AGENT_NAMES = [
     "x", "y", "health", "has_target", "energy", "role_0", "role_1", "role_2", "role_3", "role_4"
 ]
 SECTIONS = {
-    "parameters", "untrained_pass", "kl_terms", "kl_per_dim", "latent_health",
-    "recon_per_feature", "gradients", "annealing", "records", "findings",
+    "data", "weights", "reduction", "batch_size", "output_activation", "parameters",
+    "untrained_pass", "measured_on", "kl_terms", "latent", "collapse", "recon_per_feature",
+    "gradients", "annealing", "records", "diagnosis",
 }
 
 
@@ -40,8 +41,16 @@ def normal() -> dict:
     return _json("--data-kind", "normal", "--epochs", "2", "--batch-size", "100")
 
 
+def _params(kind: dict) -> dict[str, dict]:
+    return {p["name"]: p for p in kind["parameters"]}
+
+
 def test_all_kinds_appear_with_every_section(all_kinds):
     assert all_kinds["command"] == "debug-extended"
+    assert all_kinds["data"]["kind"] == "all"
+    assert all_kinds["data"]["source"] == (
+        "synthetic:agent_states,normal,uniform,binary,one_hot"
+    )
     assert [k["kind"] for k in all_kinds["kinds"]] == [
         "agent_states", "normal", "uniform", "binary", "one_hot"
     ]
@@ -50,11 +59,14 @@ def test_all_kinds_appear_with_every_section(all_kinds):
         assert kind["data"]["n_samples"] == 64
         # The semantic term is on for agent states only, though every kind has 10 features.
         assert (kind["weights"]["semantic"] > 0) == (kind["kind"] == "agent_states")
+        assert kind["agent_layout"] == (kind["kind"] == "agent_states")
         # Linear output for real-valued data, sigmoid for data in [0, 1].
         assert kind["output_activation"] == ("none" if kind["kind"] == "normal" else "sigmoid")
-    assert {f["where"].split(":")[0] for f in all_kinds["findings"]} <= {
-        k["kind"] for k in all_kinds["kinds"]
-    }
+    kinds = {k["kind"] for k in all_kinds["kinds"]}
+    for finding in all_kinds["findings"]:
+        assert finding["runs"] and set(finding["runs"]) <= kinds
+        assert all(finding["code"] in by["diagnosis"]["findings"]
+                   for by in all_kinds["kinds"] if by["kind"] in finding["runs"])
     assert all_kinds["exit_code"] == int(
         any(f["severity"] == "error" for f in all_kinds["findings"])
     )
@@ -62,7 +74,7 @@ def test_all_kinds_appear_with_every_section(all_kinds):
 
 def test_healthy_default_has_no_parameter_flagged(all_kinds):
     for kind in all_kinds["kinds"]:
-        params = kind["parameters"]
+        params = _params(kind)
         assert len(params) == 22
         assert {name: p["flags"] for name, p in params.items() if p["flags"]} == {}
         # The original's false alarms are present in the model and still not flagged:
@@ -76,24 +88,29 @@ def test_healthy_default_has_no_parameter_flagged(all_kinds):
 
 def test_kl_terms_add_up_to_the_kl_per_dimension(normal):
     kind = normal["kinds"][0]
-    latent_dim = kind["latent_health"]["latent_dim"]
+    health = kind["latent"]
+    latent_dim = health["latent_dim"]
     assert latent_dim == 4
-    assert len(kind["kl_per_dim"]) == latent_dim
-    terms = kind["kl_terms"]
+    assert len(health["kl_per_dim"]) == latent_dim
+    kl = kind["kl_terms"]
+    terms = kl["terms"]
+    assert list(terms) == ["one", "log_var", "neg_mu_sq", "neg_exp_log_var"]
     assert terms["one"] == {"mean": 1.0, "std": 0.0, "min": 1.0, "max": 1.0}
     # Term means are over samples × latents: KL per sample = -0.5 * Z * (sum of the means).
-    from_terms = -0.5 * latent_dim * sum(
-        terms[t]["mean"] for t in ("one", "log_var", "neg_mu_sq", "neg_exp_log_var")
-    )
-    assert from_terms == pytest.approx(sum(kind["kl_per_dim"]), rel=1e-5)
-    assert terms["sum_check"]["kl_per_sample_mean"] == pytest.approx(from_terms, rel=1e-5)
+    from_terms = -0.5 * latent_dim * sum(t["mean"] for t in terms.values())
+    assert from_terms == pytest.approx(sum(health["kl_per_dim"]), rel=1e-5)
+    assert kl["kl_per_sample_mean"] == pytest.approx(from_terms, rel=1e-5)
+    assert kl["abs_difference"] < 1e-9
     assert terms["neg_mu_sq"]["max"] <= 0.0 and terms["neg_exp_log_var"]["max"] < 0.0
-    health = kind["latent_health"]
-    assert health["kl_total"] == pytest.approx(sum(kind["kl_per_dim"]), rel=1e-9)
+    assert health["kl_total"] == pytest.approx(sum(health["kl_per_dim"]), rel=1e-9)
     assert health["active_units"] == sum(health["active"])
     assert health["free_bits"] == pytest.approx(
-        sum(max(health["free_bits_lambda"], v) for v in kind["kl_per_dim"])
+        sum(max(health["free_bits_lambda"], v) for v in health["kl_per_dim"])
     )
+    # The latent table is what the rules judged, over all samples.
+    assert health == kind["diagnosis"]["latent"]
+    assert health["num_samples"] == kind["data"]["n_samples"] == 256
+    assert kind["collapse"] == kind["diagnosis"]["collapse"]
 
 
 def test_gradient_hooks_capture_every_training_step(normal):
@@ -103,15 +120,19 @@ def test_gradient_hooks_capture_every_training_step(normal):
     assert grads["captured_steps"] == grads["training_steps"]
     assert grads["hooks_registered"] == len(kind["parameters"]) == len(grads["parameters"])
     assert sum(r["steps"] for r in kind["records"]) == grads["training_steps"]
-    for name, stats in grads["parameters"].items():
+    by_name = {p["name"]: p for p in grads["parameters"]}
+    for name, stats in by_name.items():
         assert 0 <= stats["mean_norm"] <= stats["max_norm"], name
     # Biases feeding batch norm get a ~0 gradient by design, and are marked as such.
-    assert grads["batch_norm_centred"] == [
+    centred = [
         "encoder.layers.0.linear.bias", "encoder.layers.1.linear.bias",
         "decoder.layers.0.linear.bias", "decoder.layers.1.linear.bias",
     ]
-    assert grads["parameters"]["encoder.layers.0.linear.bias"]["max_norm"] < 1e-5
-    assert grads["parameters"]["decoder.fc_out.weight"]["mean_norm"] > 1e-3
+    assert grads["batch_norm_centred"] == centred
+    assert [n for n, p in by_name.items() if p["batch_norm_centred"]] == centred
+    assert by_name["encoder.layers.0.linear.bias"]["max_norm"] < 1e-5
+    assert by_name["decoder.fc_out.weight"]["mean_norm"] > 1e-3
+    assert grads["never_reached"] == []
 
 
 def test_final_total_norm_is_what_clip_grad_norm_returned():
@@ -125,13 +146,17 @@ def test_final_total_norm_is_what_clip_grad_norm_returned():
 
 def test_untrained_train_and_eval_passes_differ_and_say_why(normal):
     u = normal["kinds"][0]["untrained_pass"]
+    assert u["n_samples"] == 256
     assert u["differ"] is True
-    assert u["differences"]["max_abs"]["reconstruction"] > 0
-    assert u["differences"]["max_abs"]["z"] > 0
+    assert u["max_abs_difference"]["reconstruction"] > 0
+    assert u["max_abs_difference"]["z"] > 0
     # Eval mode uses z = mu, train mode samples around it.
-    assert u["eval"]["z"] == u["eval"]["mu"]
-    assert u["train"]["z"]["std"] > u["train"]["mu"]["std"]
-    assert u["differences"]["loss"]["kl"] == pytest.approx(
+    train, eval_ = u["train"]["tensors"], u["eval"]["tensors"]
+    assert eval_["z"] == eval_["mu"]
+    assert train["z"]["std"] > train["mu"]["std"]
+    # The loss's own terms (the semantic term is off on normal data), then the total.
+    assert list(u["train"]["loss"]) == ["reconstruction", "kl", "total"]
+    assert u["loss_difference"]["kl"] == pytest.approx(
         u["train"]["loss"]["kl"] - u["eval"]["loss"]["kl"]
     )
     assert "z = mu" in u["why"] and "batch norm" in u["why"]
@@ -143,7 +168,7 @@ def test_records_and_annealing(normal):
     assert {r["beta"] for r in kind["records"]} == {0.1}
     assert "off" in kind["records"][0]["components"]["semantic"]["flags"]
     anneal = kind["annealing"]
-    assert anneal["schedule"] == "linear"
+    assert (anneal["schedule"], anneal["min_beta"], anneal["max_beta"]) == ("linear", 0.0, 1.0)
     assert [e["beta"] for e in anneal["epochs"]] == [0.0, 1.0]
     first = anneal["epochs"][0]
     assert first["total"] == pytest.approx(first["reconstruction"])  # β = 0: no KL in it
@@ -189,7 +214,7 @@ def test_plot_writes_png(mtx, tmp_path):
               "--samples", "64", "--plot", str(path))
     assert run.exit_code == 0, run.stderr
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert run.json["plot"] == str(path)
+    assert run.json["config"]["plot"] == str(path)
     assert [p.name for p in tmp_path.iterdir()] == ["deep.png"]
 
 
@@ -207,8 +232,8 @@ def test_scenario_without_batch_norm_changes_the_why_and_is_found(mtx):
     assert "batch norm" not in kind["untrained_pass"]["why"]
     assert "z = mu" in kind["untrained_pass"]["why"]
     assert kind["gradients"]["batch_norm_centred"] == []
-    assert "dying-relu" in kind["findings"]
-    assert not any(p["role"].startswith("norm") for p in kind["parameters"].values())
+    assert "dying-relu" in kind["diagnosis"]["findings"]
+    assert not any(p["role"].startswith("norm") for p in kind["parameters"])
 
 
 USER_VAE = """
@@ -243,46 +268,55 @@ def test_user_model_is_the_one_inspected(mtx, tmp_path):
     out = mtx("debug-extended", "--json", "--data-kind", "normal", "--epochs", "1",
               "--samples", "64", "--model", f"{path}:build").json
     (kind,) = out["kinds"]
-    assert list(kind["parameters"]) == [
+    assert [p["name"] for p in kind["parameters"]] == [
         "enc.weight", "enc.bias", "mu.weight", "mu.bias", "log_var.weight", "log_var.bias",
         "dec.weight", "dec.bias",
     ]
     assert kind["gradients"]["hooks_registered"] == 8
-    assert len(kind["kl_per_dim"]) == kind["latent_health"]["latent_dim"] == 2
+    assert len(kind["latent"]["kl_per_dim"]) == kind["latent"]["latent_dim"] == 2
     assert kind["output_activation"] is None
 
 
-# ---- the parameter inspection and the study, called directly ----
+# ---- the study, called directly ----
 
 
-def test_inspect_parameters_flags_only_real_problems():
-    from meaning_transform.studies.debug_extended import inspect_parameters
+class _CollapsedVAE(nn.Module):
+    """A tiny VAE whose encoder ignores its input: mu = 0, log_var = 0 (the prior)."""
 
-    model = nn.Sequential(
-        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(2, 2)
+    def __init__(self, input_dim: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.enc = nn.Linear(input_dim, 4)
+        self.mu = nn.Linear(4, 2)
+        self.dec = nn.Linear(2, input_dim)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mu = 0.0 * self.mu(torch.relu(self.enc(x)))  # (B, Z)
+        log_var = torch.zeros_like(mu)
+        return {"reconstruction": self.dec(mu), "mu": mu, "log_var": log_var, "z": mu}
+
+
+def _study(model_factory, epochs: int = 1, batch_size: int | None = None, n: int = 32):
+    from meaning_transform.studies.debug_extended import run_debug_extended
+    from meaning_transform.studies.pipeline import Pipeline
+    from meaning_transform.studies.report import DebugExtendedConfig
+    from meaning_transform.studies.setup import get_data
+    from meaning_transform.training import TrainConfig
+
+    dataset = get_data(None, kind="normal", n=n, seed=0)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=0)
+    options = DebugExtendedConfig(
+        seed=0, device="cpu", epochs=epochs, batch_size=batch_size or 0, lr=1e-3, data=None,
+        model="test", scenario="healthy", reduction="mean", fail_on="error", plot=None,
+        data_kind="normal", samples=n,
     )
-    with torch.no_grad():
-        model[0].bias.zero_()  # a zero bias: fine
-        model[2].weight.fill_(0.5)  # all-identical weight matrix: symmetric units
-        model[3].weight[0, 1] = math.nan
-        model[4].weight[1, 0] = 5e3
-    params = inspect_parameters(model)
-    flags = {name: p["flags"] for name, p in params.items() if p["flags"]}
-    assert flags == {
-        "2.weight": ["identical"],
-        "3.weight": ["non-finite"],
-        "4.weight": ["huge"],
-    }
-    assert params["3.weight"]["nan"] == 1 and params["3.weight"]["inf"] == 0
-    assert math.isfinite(params["3.weight"]["mean"])  # statistics of the finite entries
-    assert params["0.bias"]["std"] == 0.0 and params["0.bias"]["role"] == "bias"
-    assert params["1.weight"]["role"] == "norm_weight"
+    return run_debug_extended(
+        lambda d: Pipeline(d, config, model_factory=model_factory), [dataset], options
+    )
 
 
 def test_study_flags_a_nan_weight_and_reports_the_nan_run():
-    from meaning_transform.studies.debug_extended import run_debug_extended
-    from meaning_transform.studies.setup import get_data
-    from meaning_transform.training import TrainConfig
+    from meaning_transform.studies.report import DebugExtendedReport, KindSection
 
     def nan_model(input_dim: int, seed: int) -> nn.Module:
         model = MeaningVAE(input_dim=input_dim, seed=seed)
@@ -290,19 +324,49 @@ def test_study_flags_a_nan_weight_and_reports_the_nan_run():
             model.encoder.fc_mu.weight[0, 0] = math.nan
         return model
 
-    dataset = get_data(None, kind="normal", n=32, seed=0)
-    result = run_debug_extended(
-        [dataset], TrainConfig(epochs=1, batch_size=None, seed=0), model_factory=nan_model
-    )
-    (kind,) = result["kinds"]
-    flagged = {n: p["flags"] for n, p in kind["parameters"].items() if p["flags"]}
-    assert flagged == {"encoder.fc_mu.weight": ["non-finite"]}
-    assert kind["parameters"]["encoder.fc_mu.weight"]["nan"] == 1
-    assert "nonfinite-loss" in kind["findings"]
-    assert any(f["code"] == "nonfinite-loss" and f["severity"] == "error"
-               for f in result["findings"])
+    report = _study(nan_model)
+    assert isinstance(report, DebugExtendedReport)
+    (kind,) = report.kinds
+    assert isinstance(kind, KindSection) and kind.kind == "normal"
+    flagged = {p.name: p.flags for p in kind.parameters if p.flags}
+    assert flagged == {"encoder.fc_mu.weight": ("non-finite",)}
+    assert next(p for p in kind.parameters if p.name == "encoder.fc_mu.weight").nan == 1
+    assert "nonfinite-loss" in kind.diagnosis.findings
+    assert any(f.code == "nonfinite-loss" and f.severity == "error" and f.runs == ("normal",)
+               for f in report.findings)
+    assert report.exit_code == 1
     # The NaN step made no backward pass, so the hooks saw nothing.
-    assert kind["gradients"]["captured_steps"] == 0 < kind["gradients"]["training_steps"]
+    assert kind.gradients.captured_steps == 0 < kind.gradients.training_steps
+
+
+def test_collapsed_latent_table_and_findings_agree():
+    """The bug: the latent table said "collapsed" and the run ended with no findings."""
+    report = _study(_CollapsedVAE, epochs=2, batch_size=2, n=24)  # 24 steps >= 20
+    (kind,) = report.kinds
+    assert kind.latent.collapsed and kind.latent.active_units == 0
+    assert kind.latent is kind.diagnosis.latent  # the rules judged the numbers shown
+    assert kind.latent.num_samples == 24  # the trained model, all samples
+    assert kind.collapse == kind.diagnosis.collapse
+    assert kind.collapse.status == "finding"
+    assert "posterior-collapse" in kind.diagnosis.findings
+    assert [f.runs for f in report.findings if f.code == "posterior-collapse"] == [("normal",)]
+
+
+def test_report_json_follows_the_dataclass_field_order():
+    from meaning_transform.studies.report import json_data, to_json
+
+    report = _study(_CollapsedVAE)
+    data = json_data(report)
+    assert list(data)[:2] == ["command", "version"] and list(data)[-1] == "kinds"
+    assert data["config"]["data_kind"] == "normal"
+    kind = data["kinds"][0]
+    assert list(kind) == [
+        "kind", "data", "agent_layout", "weights", "reduction", "batch_size",
+        "output_activation", "parameters", "untrained_pass", "measured_on", "kl_terms",
+        "latent", "collapse", "recon_per_feature", "gradients", "annealing", "records",
+        "diagnosis",
+    ]
+    assert to_json(report) == to_json(_study(_CollapsedVAE))  # same seed, same bytes
 
 
 # ---- bad input ----
