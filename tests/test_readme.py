@@ -40,3 +40,97 @@ def test_every_scenario_is_documented():
         row = next(line for line in README.splitlines() if line.startswith(f"| `{name}` |"))
         for code in scenario.findings:
             assert f"`{code}`" in row
+
+
+# ---- the JSON section is the report dataclasses, field for field ----
+
+_PART = re.compile(r"^- `(\w+)`(?: \(([^)]*)\))?: (.*)$")
+
+
+def _json_section() -> str:
+    return README.split("### JSON output")[1].split("\n## ")[0]
+
+
+def _documented_parts() -> dict[str, tuple[str, list[str]]]:
+    """Part name -> (what it extends, its keys in order), from the "- `Part`: …" lines."""
+    parts = {}
+    for line in _json_section().splitlines():
+        m = _PART.match(line)
+        if m is None:
+            continue
+        note = m.group(2) or ""
+        base = re.match(r"`(\w+)` \+", note)
+        # keys: backticked names at the top level of the list (parenthesised notes dropped)
+        keys_text = re.sub(r"\([^)]*\)", "", m.group(3))
+        keys = re.findall(r"`(\w+)`", keys_text)
+        parts[m.group(1)] = (base.group(1) if base else "", keys)
+    return parts
+
+
+def _report_parts() -> dict[str, type]:
+    """Every dataclass reachable from the four reports (and the configs)."""
+    import dataclasses
+    import typing
+
+    import meaning_transform.studies.report as report
+    from meaning_transform.diagnostics import (
+        attribution,
+        findings,
+        gradient_summary,
+        kl_terms,
+        latent,
+        parameters,
+        probe,
+        tensor_stats,
+    )
+
+    namespace: dict[str, object] = {}
+    for module in (report, attribution, findings, gradient_summary, kl_terms, latent,
+                   parameters, probe, tensor_stats):
+        namespace.update(vars(module))
+    found: dict[str, type] = {}
+
+    def walk(t: object) -> None:
+        for arg in typing.get_args(t):
+            walk(arg)
+        if isinstance(t, type) and dataclasses.is_dataclass(t) and t.__name__ not in found:
+            found[t.__name__] = t
+            for hint in typing.get_type_hints(t, globalns=namespace).values():
+                walk(hint)
+
+    for cls in (report.DebugLossReport, report.AnnealReport, report.CheckGradsReport,
+                report.DebugExtendedReport, report.DebugLossConfig, report.AnnealConfig,
+                report.CheckGradsConfig, report.DebugExtendedConfig):
+        walk(cls)
+    return found
+
+
+def test_readme_header_table_is_the_report_base_fields():
+    import dataclasses
+
+    from meaning_transform.studies.report import Report
+
+    table = _json_section().split("then the command's own keys")[0]
+    keys = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
+    assert keys == [f.name for f in dataclasses.fields(Report)]
+
+
+def test_readme_json_parts_match_the_dataclasses():
+    import dataclasses
+
+    from meaning_transform.studies.report import Report
+
+    documented = _documented_parts()
+    actual = _report_parts()
+    assert set(documented) == set(actual) - {"Report"}, (
+        sorted(set(actual) - set(documented)),
+        sorted(set(documented) - set(actual)),
+    )
+    for name, (base, keys) in documented.items():
+        fields = [f.name for f in dataclasses.fields(actual[name])]
+        skip = set()
+        if issubclass(actual[name], Report):
+            skip = {f.name for f in dataclasses.fields(Report)}
+        if base:
+            skip = {f.name for f in dataclasses.fields(actual[base])}
+        assert keys == [f for f in fields if f not in skip], name

@@ -6,7 +6,31 @@ imported lazily, so ``diagnostics.findings`` and ``diagnostics.thresholds`` can 
 read without importing torch.
 """
 
+from typing import TYPE_CHECKING
+
 from meaning_transform._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names as the type checker sees them
+    from meaning_transform.diagnostics.attribution import (
+        Attribution,
+        AttributionSummary,
+        term_attribution,
+    )
+    from meaning_transform.diagnostics.gradients import (
+        GradientHooks,
+        GradientMonitor,
+        GradientSnapshot,
+        ParamGradStats,
+        dead_units,
+        gradient_snapshot,
+        update_ratios,
+    )
+    from meaning_transform.diagnostics.latent import (
+        LatentHealth,
+        encode_means,
+        latent_health,
+    )
+
 
 _EXPORTS = {
     "Attribution": "attribution",
@@ -23,5 +47,19 @@ _EXPORTS = {
     "encode_means": "latent",
     "latent_health": "latent",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Attribution",
+    "AttributionSummary",
+    "GradientHooks",
+    "GradientMonitor",
+    "GradientSnapshot",
+    "LatentHealth",
+    "ParamGradStats",
+    "dead_units",
+    "encode_means",
+    "gradient_snapshot",
+    "latent_health",
+    "term_attribution",
+    "update_ratios",
+]
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -287,7 +287,6 @@ def test_user_model_with_batch_norm_and_batch_size_1(mtx, models, rows3, error_l
     error_line(run, "batch norm", "--batch-size 2")
 
 
-@pytest.mark.xfail(strict=True, reason="until the commands call common.check_batch_size")
 def test_built_in_model_with_batch_size_1(mtx, rows3, error_line):
     run = mtx("check-grads", *FAST, "--batch-size", "1", "--data", str(rows3))
     error_line(run, "batch norm", "--batch-size 2")
@@ -509,7 +508,6 @@ def test_stdout_to_stderr_also_moves_file_descriptor_1():
         assert noise in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="until the commands pass json=json to user_errors_exit")
 def test_a_printing_user_model_keeps_json_pure(mtx, models):
     import json
 
