@@ -6,9 +6,14 @@ compute code validates against the same tuples.
 
 from __future__ import annotations
 
+from typing import Literal
+
+ScheduleType = Literal["linear", "sigmoid", "cyclical", "exponential"]
+
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
-SCHEDULES: tuple[str, ...] = ("linear", "sigmoid", "cyclical", "exponential")
+# Typed as the literals so that ``x in SCHEDULES`` narrows a str to ScheduleType for mypy.
+SCHEDULES: tuple[ScheduleType, ...] = ("linear", "sigmoid", "cyclical", "exponential")
 DATA_KINDS: tuple[str, ...] = ("agent_states", "normal", "uniform", "binary", "one_hot")
 # The loss components the built-in CombinedLoss reports, in table order.
 COMPONENTS: tuple[str, ...] = ("reconstruction", "kl", "semantic", "compression")

@@ -20,6 +20,7 @@ import stat
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 # Generic generators of the original extended experiment, plus the agent-state layout;
@@ -113,6 +114,7 @@ def generate(kind: str, n: int, dim: int = N_FEATURES, seed: int = 0) -> torch.T
             raise ValueError(f"dim must be {N_FEATURES} for kind 'agent_states', got {dim}")
         return synthetic_agent_states(n, seed)
     rng = np.random.default_rng(seed)
+    values: npt.NDArray[np.float64] | npt.NDArray[np.int64]  # binary draws integers
     if kind == "normal":
         values = rng.standard_normal((n, dim))
     elif kind == "uniform":

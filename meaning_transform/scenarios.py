@@ -32,6 +32,8 @@ class _Wrapped(nn.Module):
 class _WithUnused(nn.Module):
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
+        if not isinstance(inner, MeaningVAE):  # scenarios only wrap the built-in model
+            raise TypeError(f"expected a MeaningVAE, got {type(inner).__name__}")
         self.inner = inner
         self.unused_head = nn.Linear(inner.latent_dim, inner.latent_dim)  # never called
 

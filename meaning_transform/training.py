@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from meaning_transform.losses.annealing import SCHEDULES, beta_annealing
+from meaning_transform.losses.annealing import SCHEDULES, beta_annealing, check_schedule_type
 from meaning_transform.constants import COMPONENTS, DEVICES
 from meaning_transform.optim import Adam
 
@@ -27,6 +27,22 @@ _RESULT_KEYS = {
     "semantic": "semantic_loss",
     "compression": "compression_loss",
 }
+
+
+# The loss attribute holding each weighted component's weight. ``train`` takes any
+# nn.Module (the fault scenarios wrap a CombinedLoss and forward these attributes), and
+# nn.Module types attributes it does not declare as Tensor | Module, so the weights are
+# read and set by name.
+_WEIGHT_ATTRIBUTES = {
+    "reconstruction": "recon_loss_weight",
+    "kl": "kl_loss_weight",
+    "semantic": "semantic_loss_weight",
+}
+
+
+def loss_weights(loss_fn: nn.Module) -> dict[str, float]:
+    """The weights a CombinedLoss (or a wrapper forwarding them) is using, by component."""
+    return {name: float(getattr(loss_fn, attr)) for name, attr in _WEIGHT_ATTRIBUTES.items()}
 
 
 class DeviceError(ValueError):
@@ -70,7 +86,8 @@ class BetaSchedule:
             max_epochs,
             min_beta=self.min_beta,
             max_beta=self.max_beta,
-            schedule_type=self.schedule_type,
+            # the field is a plain str (checked in __post_init__): narrow it to ScheduleType
+            schedule_type=check_schedule_type(self.schedule_type),
             cycles=self.cycles,
             ratio=self.ratio,
         )
@@ -207,7 +224,7 @@ def train(
     model.train()
     for epoch in range(config.epochs):
         if config.schedule is not None:
-            loss_fn.kl_loss_weight = config.schedule.beta(epoch, config.epochs)
+            setattr(loss_fn, _WEIGHT_ATTRIBUTES["kl"], config.schedule.beta(epoch, config.epochs))
         sums: dict[str, float] = dict.fromkeys(COMPONENTS, 0.0)
         total_sum, norms, skipped = 0.0, [], 0
         floors: dict[str, int] = {}
@@ -249,12 +266,7 @@ def train(
             norms.append(grad_norm)
             step += 1
         k = len(indices)
-        weights = {
-            "reconstruction": float(loss_fn.recon_loss_weight),
-            "kl": float(loss_fn.kl_loss_weight),
-            "semantic": float(loss_fn.semantic_loss_weight),
-            "compression": 1.0,
-        }
+        weights = {**loss_weights(loss_fn), "compression": 1.0}
         raw = {name: sums[name] / k for name in COMPONENTS}
         finite_norms = [g for g in norms if math.isfinite(g)]
         record = EpochRecord(

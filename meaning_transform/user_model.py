@@ -184,7 +184,7 @@ def _guard_forward(model: nn.Module, spec: str) -> None:
         return out
 
     try:
-        model.forward = types.MethodType(guarded, model)  # type: ignore[method-assign]
+        model.forward = types.MethodType(guarded, model)
     except (AttributeError, TypeError, RuntimeError):  # e.g. a TorchScript module: unguarded
         pass
 

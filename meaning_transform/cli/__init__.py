@@ -6,11 +6,16 @@ Command modules import torch and the compute code inside the command body, so
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import typer
 
 from meaning_transform import __version__
 from meaning_transform.cli import anneal_demo, check_grads, debug_extended, debug_loss
 from meaning_transform.cli.boundary import one_line, print_error, user_message
+
+if TYPE_CHECKING:  # the class main() looks up at run time, as this Typer vendors it
+    from typer._click.exceptions import UsageError
 
 app = typer.Typer(
     name="mtx",
@@ -49,7 +54,10 @@ def main() -> None:
     import sys
 
     # Typer re-exports click's BadParameter (vendored in new Typer); its base is UsageError.
-    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    usage_error = cast(
+        "type[UsageError]",
+        next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"),
+    )
     try:
         code = app(standalone_mode=False)
     except usage_error as e:
@@ -64,9 +72,9 @@ def main() -> None:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # bad input that escaped a command's user_errors_exit
-        message = user_message(e)
-        if message is None:
+        problem = user_message(e)
+        if problem is None:
             raise  # a bug: keep the traceback
-        print_error(message)
+        print_error(problem)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)

@@ -116,10 +116,12 @@ def _replay(held: list[warnings.WarningMessage]) -> None:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
-def _fd_of(stream: object) -> int | None:
+def _fd_of(stream: TextIO) -> int | None:
     try:
-        return stream.fileno()  # type: ignore[attr-defined]
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return stream.fileno()
+    # AttributeError: sys.stdout/stderr may be replaced by an object without fileno();
+    # io.UnsupportedOperation is an OSError
+    except (AttributeError, OSError, ValueError):
         return None
 
 

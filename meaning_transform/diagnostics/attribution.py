@@ -99,24 +99,29 @@ class AttributionSummary:
 
 
 def summarise_attributions(attributions: Sequence[Attribution]) -> AttributionSummary | None:
-    """Mean over the attributed steps of every per-term number; None when there are none."""
+    """Mean over the attributed steps of every per-term number; None when there are none.
+
+    A term is averaged over the steps that attributed it with a finite value: a term whose
+    weight was 0 at some steps (β = 0 at the start of an annealing run) is left out of
+    those steps rather than turning its mean into NaN.
+    """
     if not attributions:
         return None
     last = attributions[-1]
-    names = last.terms
+    names = tuple(dict.fromkeys(n for a in attributions for n in a.terms))
 
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
+    def mean(values: Iterable[float | None]) -> float:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else math.nan
 
     def per_term(key: str) -> Mapping[str, float]:
         return MappingProxyType(
-            {n: mean([getattr(a, key).get(n, math.nan) for a in attributions]) for n in names}
+            {n: mean(getattr(a, key).get(n) for a in attributions) for n in names}
         )
 
     cosine = {
         a: MappingProxyType(
-            {b: mean([att.cosine.get(a, {}).get(b, math.nan) for att in attributions])
-             for b in names}
+            {b: mean(att.cosine.get(a, {}).get(b) for att in attributions) for b in names}
         )
         for a in names
     }
@@ -185,6 +190,16 @@ def _loop_grads(terms: list[Tensor], params: list[Tensor], retain_graph: bool) -
     ]
 
 
+def _reaching(per_term: PerTerm, j: int) -> dict[int, Tensor]:
+    """Term index -> gradient w.r.t. parameter ``j``, for the terms that reach it, in order."""
+    column: dict[int, Tensor] = {}
+    for a, grads in enumerate(per_term):
+        g = grads[j]
+        if g is not None:
+            column[a] = g
+    return column
+
+
 def _gram(per_term: PerTerm, device: torch.device, acc: torch.dtype) -> Tensor:
     """(k, k) Gram matrix sum over parameters of <g_a, g_b>, accumulated in ``acc``.
 
@@ -194,21 +209,20 @@ def _gram(per_term: PerTerm, device: torch.device, acc: torch.dtype) -> Tensor:
     """
     k = len(per_term)
     n_params = len(per_term[0]) if per_term else 0
-    small: list[int] = []
+    small: list[tuple[int, Tensor]] = []  # (parameter, the first reaching term's gradient)
     dots: list[Tensor] = []
     dot_index: list[tuple[int, int]] = []
     for j in range(n_params):
-        column = [per_term[a][j] for a in range(k)]
-        reached = [a for a in range(k) if column[a] is not None]
-        if not reached:
+        column = _reaching(per_term, j)
+        if not column:
             continue
-        first = column[reached[0]]
-        if k * first.numel() <= _SMALL or first.dtype not in _DOT_DTYPES:  # type: ignore[union-attr]
-            small.append(j)
+        first = next(iter(column.values()))
+        if k * first.numel() <= _SMALL or first.dtype not in _DOT_DTYPES:
+            small.append((j, first))
             continue
-        flat = {a: column[a].reshape(-1) for a in reached}  # type: ignore[union-attr]
-        for a in reached:
-            for b in reached:
+        flat = {a: g.reshape(-1) for a, g in column.items()}
+        for a in flat:
+            for b in flat:
                 if a <= b:
                     dots.append(torch.dot(flat[a], flat[b]))
                     dot_index.append((a, b))
@@ -217,9 +231,8 @@ def _gram(per_term: PerTerm, device: torch.device, acc: torch.dtype) -> Tensor:
         rows = []
         for a in range(k):
             parts = []
-            for j in small:
+            for j, like in small:
                 g = per_term[a][j]
-                like = next(per_term[b][j] for b in range(k) if per_term[b][j] is not None)
                 parts.append((torch.zeros_like(like) if g is None else g).reshape(-1).to(device))
             rows.append(torch.cat(parts))
         block = torch.stack(rows).to(acc)  # (k, n_small)
@@ -370,17 +383,18 @@ def _write_total_grad(per_term: PerTerm, params: list[Tensor], weights: list[flo
     term reaches but none with a nonzero weight gets zeros added, as ``backward()`` of the
     total would; one that no term reaches is left untouched.
     """
-    groups: dict[tuple[int, ...], list[int]] = {}
+    # reached terms -> [(parameter, term -> its gradient)] for the parameters they reach
+    groups: dict[tuple[int, ...], list[tuple[int, dict[int, Tensor]]]] = {}
     for j in range(len(params)):
-        reached = tuple(i for i in range(len(weights)) if per_term[i][j] is not None)
-        if reached:
-            groups.setdefault(reached, []).append(j)
-    for reached, index in groups.items():
+        column = _reaching(per_term, j)
+        if column:
+            groups.setdefault(tuple(column), []).append((j, column))
+    for reached, members in groups.items():
         first, rest = reached[0], [i for i in reached[1:] if weights[i] != 0.0]
-        combined = list(torch._foreach_mul([per_term[first][j] for j in index], weights[first]))
+        combined = list(torch._foreach_mul([col[first] for _, col in members], weights[first]))
         for i in rest:
-            torch._foreach_add_(combined, [per_term[i][j] for j in index], alpha=weights[i])
-        for j, c in zip(index, combined, strict=True):
+            torch._foreach_add_(combined, [col[i] for _, col in members], alpha=weights[i])
+        for (j, _), c in zip(members, combined, strict=True):
             p = params[j]
             if p.grad is None:
                 p.grad = c

@@ -31,6 +31,7 @@ from torch import nn
 from meaning_transform.diagnostics.attribution import (
     Attribution,
     AttributionSummary,
+    Method,
     summarise_attributions,
     term_attribution,
 )
@@ -63,7 +64,7 @@ class Doctor:
         model: nn.Module,
         where: str = "run",
         attribute_every: int = 1,
-        attribution_method: str = "loop",
+        attribution_method: Method = "loop",
         semantic_features: bool = True,
     ) -> None:
         if attribute_every < 0:

@@ -34,7 +34,7 @@ parameter's sum of squares non-finite, and only such parameters are counted exac
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from types import TracebackType
 from typing import Literal
@@ -233,7 +233,9 @@ def _column(values: list[Tensor], acc: torch.dtype) -> Tensor:
     return torch.stack([v.to(acc) for v in values])
 
 
-def _grad_columns(grads: list[Tensor], weights: list[Tensor], detail: str) -> dict[int, Tensor]:
+def _grad_columns(
+    grads: Sequence[Tensor], weights: Sequence[Tensor], detail: str
+) -> dict[int, Tensor]:
     """The measured columns of same-device gradients, by column index, each (G,) in acc.
 
     A few reductions per parameter, no temporary larger than one gradient (a multi-MB
@@ -272,10 +274,10 @@ def _block(columns: dict[int, Tensor], rows: int, acc: torch.dtype, device: torc
 
 @torch.no_grad()
 def _stat_block(
-    params: list[Tensor],
-    grads: list[Tensor | None],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
     detail: str,
-    before: list[Tensor | None] | None = None,
+    before: Sequence[Tensor | None] | None = None,
 ) -> Tensor:
     """(P, _COLUMNS) statistics of every parameter, on the first parameter's device.
 
@@ -284,17 +286,18 @@ def _stat_block(
     """
     device, acc = params[0].device, _acc_dtype(params[0])
     measure_update = before is not None and any(b is not None for b in before)
-    present = [i for i, g in enumerate(grads) if g is not None]
+    present = {i: g for i, g in enumerate(grads) if g is not None}
     by_device: dict[torch.device, list[int]] = {}
-    for i in present:
-        by_device.setdefault(grads[i].device, []).append(i)  # type: ignore[union-attr]
+    for i, g in present.items():
+        by_device.setdefault(g.device, []).append(i)
     if len(present) == len(params) and list(by_device) == [device] and not measure_update:
         # The common case, every gradient on the parameters' device: no scatter, one stack.
-        return _block(_grad_columns(grads, params, detail), len(params), acc, device)  # type: ignore[arg-type]
+        columns = _grad_columns(list(present.values()), params, detail)
+        return _block(columns, len(params), acc, device)
     stats = _block({}, len(params), acc, device)
     for idx in by_device.values():
         columns = _grad_columns(
-            [grads[i] for i in idx],  # type: ignore[misc]
+            [present[i] for i in idx],
             [params[i] for i in idx],
             detail,
         )
@@ -305,18 +308,22 @@ def _stat_block(
     if missing and detail == "full":  # the weight norm of parameters without gradient
         norms = torch.stack(_norms([params[i] for i in missing]))
         stats[torch.tensor(missing, device=device), _WEIGHT_NORM] = norms.to(device, acc)
-    if measure_update:
-        stats[:, _DELTA_NORM:] = _update_columns(params, before, device, acc)  # type: ignore[arg-type]
+    if measure_update and before is not None:  # measure_update implies before is given
+        stats[:, _DELTA_NORM:] = _update_columns(params, before, device, acc)
     return stats
 
 
 @torch.no_grad()
 def _update_columns(
-    weights: list[Tensor], before: list[Tensor | None], device: torch.device, acc: torch.dtype
+    weights: Sequence[Tensor],
+    before: Sequence[Tensor | None],
+    device: torch.device,
+    acc: torch.dtype,
 ) -> Tensor:
     """(P, 3) columns ||w - w_before||, ||w_before||, measured (NaN, NaN, 0 where not given)."""
-    measured = [i for i, b in enumerate(before) if b is not None]
-    olds = [before[i].detach().to(weights[i].device) for i in measured]  # type: ignore[union-attr]
+    given = [(i, b) for i, b in enumerate(before) if b is not None]
+    measured = [i for i, _ in given]
+    olds = [b.detach().to(weights[i].device) for i, b in given]
     deltas = [weights[i] - old for i, old in zip(measured, olds, strict=True)]
     out = torch.tensor([math.nan, math.nan, 0.0], dtype=acc, device=device).repeat(len(weights), 1)
     values = torch.stack(
@@ -340,14 +347,14 @@ def _fill_non_finite(rows: list[list[float]], grads: list[Tensor | None]) -> Non
     (A huge finite gradient whose square sum overflows is counted too, and gets 0.)
     """
     flagged = [
-        i
+        (i, g)
         for i, (row, g) in enumerate(zip(rows, grads, strict=True))
         if g is not None and not math.isfinite(row[_SQ_SUM])
     ]
     if not flagged:
         return
-    counts = torch.stack([(~torch.isfinite(grads[i])).sum() for i in flagged])  # type: ignore[arg-type]
-    for i, count in zip(flagged, counts.cpu().tolist(), strict=True):  # a second host copy
+    counts = torch.stack([(~torch.isfinite(g)).sum() for _, g in flagged])
+    for (i, _), count in zip(flagged, counts.cpu().tolist(), strict=True):  # a second host copy
         rows[i][_NON_FINITE] = float(count)
 
 
@@ -359,16 +366,16 @@ def _count_non_finite_on_device(block: Tensor, grads: list[Tensor | None]) -> No
     parameters are counted; elsewhere every gradient is counted on the device, which keeps
     the hooks free of host syncs.
     """
-    present = [i for i, g in enumerate(grads) if g is not None]
+    present = [(i, g) for i, g in enumerate(grads) if g is not None]
     if not present:
         return
     if block.device.type == "cpu":
-        squares = block[present, _SQ_SUM].tolist()
-        present = [i for i, s in zip(present, squares, strict=True) if not math.isfinite(s)]
+        squares = block[[i for i, _ in present], _SQ_SUM].tolist()
+        present = [p for p, s in zip(present, squares, strict=True) if not math.isfinite(s)]
         if not present:
             return
-    counts = torch.stack([(~torch.isfinite(grads[i])).sum() for i in present])  # type: ignore[arg-type]
-    index = torch.tensor(present, device=block.device)
+    counts = torch.stack([(~torch.isfinite(g)).sum() for _, g in present])
+    index = torch.tensor([i for i, _ in present], device=block.device)
     block[index, _NON_FINITE] = counts.to(device=block.device, dtype=block.dtype)
 
 
@@ -388,7 +395,22 @@ def _param_stats(
 ) -> ParamGradStats:
     weight_norm = row[_WEIGHT_NORM] if full else None
     if not has_grad:
-        return ParamGradStats(name, shape, n, False, *([None] * 8), weight_norm, _update_ratio(row))
+        return ParamGradStats(
+            name,
+            shape,
+            n,
+            False,
+            norm=None,
+            mean=None,
+            abs_mean=None,
+            std=None,
+            min=None,
+            max=None,
+            zero_fraction=None,
+            non_finite=None,
+            weight_norm=weight_norm,
+            update_ratio=_update_ratio(row),
+        )
     square = row[_SQ_SUM]
     norm = math.sqrt(square) if square >= 0 else math.nan  # NaN stays NaN
     zero_fraction = (n - row[_NONZERO]) / n if n else 0.0
@@ -710,7 +732,9 @@ class GradientHooks:
                 self._callback_queued = True
             # Only remember the gradient here; the statistics of every parameter are computed
             # together when the pass ends (a few whole-block ops instead of ~20 per hook).
-            self._current[index] = _dense(p.grad)  # type: ignore[arg-type]
+            grad = p.grad
+            assert grad is not None  # a post-accumulate-grad hook runs after .grad is written
+            self._current[index] = _dense(grad)
 
         return hook
 

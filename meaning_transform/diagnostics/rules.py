@@ -12,7 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from meaning_transform.diagnostics.findings import Finding, NotChecked, Verdict, sort_findings
+from meaning_transform.diagnostics.findings import (
+    Finding,
+    NotChecked,
+    Severity,
+    Verdict,
+    sort_findings,
+)
 from meaning_transform.diagnostics.thresholds import (
     COLLAPSE_MIN_STEPS,
     CONFLICT_INFO,
@@ -376,7 +382,7 @@ def grad_conflict(ev: RunEvidence) -> list[Finding]:
             mean_cos = sum(cos) / len(cos)
             if share < CONFLICT_SHARE or mean_cos >= CONFLICT_INFO:
                 continue
-            severity = "warning" if mean_cos < CONFLICT_WARNING else "info"
+            severity: Severity = "warning" if mean_cos < CONFLICT_WARNING else "info"
             found.append(
                 Finding(
                     code="grad-conflict",

@@ -9,14 +9,19 @@ Annealing Schedule: A Simple Approach to Mitigating KL Vanishing" (NAACL 2019).
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-ScheduleType = Literal["linear", "sigmoid", "cyclical", "exponential"]
-from meaning_transform.constants import SCHEDULES  # noqa: E402
+from meaning_transform.constants import SCHEDULES, ScheduleType
 
 # With min_beta == 0 a geometric schedule cannot start at 0; it runs from
 # max_beta * EXPONENTIAL_START_FRACTION instead, and epoch 0 is pinned to 0.
 EXPONENTIAL_START_FRACTION = 1e-4
+
+
+def check_schedule_type(schedule_type: str) -> ScheduleType:
+    """Validate a schedule name (one of ``SCHEDULES``) and return it as a ScheduleType."""
+    if schedule_type not in SCHEDULES:
+        raise ValueError(f"schedule_type must be one of {SCHEDULES}, got {schedule_type!r}")
+    return schedule_type
 
 
 def _validate(
@@ -29,8 +34,7 @@ def _validate(
     ratio: float,
     steepness: float,
 ) -> None:
-    if schedule_type not in SCHEDULES:
-        raise ValueError(f"schedule_type must be one of {SCHEDULES}, got {schedule_type!r}")
+    check_schedule_type(schedule_type)
     if max_epochs < 1:
         raise ValueError(f"max_epochs must be >= 1, got {max_epochs!r}")
     if epoch < 0:

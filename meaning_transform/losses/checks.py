@@ -16,8 +16,9 @@ import torch
 
 OnNonFinite = Literal["raise", "record"]
 Reduction = Literal["mean", "sum"]
-REDUCTIONS: tuple[str, ...] = ("mean", "sum")
-ON_NON_FINITE: tuple[str, ...] = ("raise", "record")
+# Typed as tuples of the literals so that ``x in REDUCTIONS`` narrows a str for mypy.
+REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum")
+ON_NON_FINITE: tuple[OnNonFinite, ...] = ("raise", "record")
 
 from meaning_transform.constants import COMPONENT_FLOOR, TOTAL_FLOOR  # noqa: E402
 
@@ -125,7 +126,7 @@ def check_2d(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def check_on_non_finite(on_non_finite: str) -> str:
+def check_on_non_finite(on_non_finite: str) -> OnNonFinite:
     """Validate an ``on_non_finite`` argument up front, not at the first NaN."""
     if on_non_finite not in ON_NON_FINITE:
         raise ValueError(
@@ -134,7 +135,7 @@ def check_on_non_finite(on_non_finite: str) -> str:
     return on_non_finite
 
 
-def check_reduction(reduction: str) -> str:
+def check_reduction(reduction: str) -> Reduction:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction

@@ -28,14 +28,14 @@ from meaning_transform.losses.checks import (
 )
 
 LossType = Literal["mse", "bce"]
-LOSS_TYPES: tuple[str, ...] = ("mse", "bce")
+LOSS_TYPES: tuple[LossType, ...] = ("mse", "bce")
 
 # BCE takes log(p) and log(1 - p); the reconstruction is clamped to [eps, 1 - eps]
 # so neither is -inf. 1e-6 is representable on both sides in float32 and float16.
 BCE_EPS = 1e-6
 
 
-def _check_loss_type(loss_type: str) -> str:
+def _check_loss_type(loss_type: str) -> LossType:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     return loss_type

@@ -187,8 +187,6 @@ def run_kind(pipeline: Pipeline, dataset: Dataset) -> tuple[KindSection, Diagnos
             f"epoch(s), eval mode (z = mu), all {x.shape[0]} samples"
         ),
         kl_terms=kl_term_stats(mu, log_var),
-        latent=health,
-        collapse=run.diagnosis.collapse,
         recon_per_feature=frozen(dict(zip(feature_names(dataset), per_feature, strict=True))),
         gradients=gradients,
         annealing=_annealing_run(annealed),

@@ -32,7 +32,7 @@ from meaning_transform.diagnostics.thresholds import ZERO_VALUE
 from meaning_transform.scenarios import Scenario
 from meaning_transform.studies.report import ComponentRow, Diagnosis, EpochRow, RunConfig, frozen
 from meaning_transform.studies.setup import Dataset, ModelFactory, build_loss, default_model
-from meaning_transform.training import EpochRecord, TrainConfig, TrainResult, train
+from meaning_transform.training import EpochRecord, TrainConfig, TrainResult, loss_weights, train
 
 ATTRIBUTIONS_PER_RUN = 20  # per-term gradients cost one backward per term: sample steps
 
@@ -172,6 +172,7 @@ class Pipeline:
             "device": first.device,
             "data": data if data is not None else self.dataset.describe(),
             "batch_size": first.batch_size,
+            "lr": self.config.lr,
             "reduction": self.reduction,
             "scenario": self.scenario_name,
             "semantic_applicable": semantic_applicable,
@@ -253,11 +254,7 @@ def report_epochs(epochs: int, every: int) -> tuple[int, ...]:
 
 def weights_of(loss_fn: nn.Module) -> dict[str, float]:
     """The weights a CombinedLoss is using (after the semantic switch-off)."""
-    return {
-        "reconstruction": float(loss_fn.recon_loss_weight),
-        "kl": float(loss_fn.kl_loss_weight),
-        "semantic": float(loss_fn.semantic_loss_weight),
-    }
+    return loss_weights(loss_fn)
 
 
 def as_float64(t: torch.Tensor) -> torch.Tensor:

@@ -161,6 +161,7 @@ class Report:
     device: str  # the device actually used
     data: DataInfo
     batch_size: int  # as used
+    lr: float  # as used (a scenario may set its own)
     reduction: str
     scenario: str  # the injected fault, or "healthy"
     semantic_applicable: bool
@@ -312,10 +313,8 @@ class KindSection:
     output_activation: str | None
     parameters: tuple[ParameterStats, ...]  # the untrained model
     untrained_pass: ModeProbe
-    measured_on: str  # what kl_terms, latent and recon_per_feature were measured on
+    measured_on: str  # what kl_terms, diagnosis.latent and recon_per_feature were measured on
     kl_terms: KLTermStats
-    latent: LatentHealth  # the numbers the rules saw
-    collapse: Verdict  # the posterior-collapse rule on ``latent``
     recon_per_feature: Mapping[str, float]
     gradients: GradientSummary
     annealing: AnnealingRun

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 
 from meaning_transform.losses.annealing import SCHEDULES, beta_annealing
+from meaning_transform.studies.anneal import WHILE_BETA_CHANGES
 
 FAST = ("--batch-size", "0", "--json")  # full batch: one step per epoch
+# anneal-demo's epochs are the same rows as debug-loss's (no flat reconstruction/kl keys)
+EPOCH_ROW = ["epoch", "beta", "components", "total", "total_flags", "grad_norm",
+             "grad_norm_max", "steps", "skipped_steps", "non_finite"]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -36,11 +40,14 @@ def test_betas_follow_the_schedule_and_weight_the_kl_term(mtx, schedule):
     w_sem = out["weights"]["semantic"]
     assert out["weights"] == {"reconstruction": 1.0, "semantic": 0.5}
     for e in out["epochs"]:
-        assert e["weighted_kl"] == pytest.approx(e["beta"] * e["kl"], rel=1e-12)
-        assert e["components"]["kl"]["weight"] == e["beta"]
+        assert list(e) == EPOCH_ROW
+        raw = {name: c["raw"] for name, c in e["components"].items()}
+        kl = e["components"]["kl"]
+        assert kl["weighted"] == pytest.approx(e["beta"] * kl["raw"], rel=1e-12)
+        assert kl["weight"] == e["beta"]
         # The total is the loss the optimizer saw: it only adds up with β as the KL weight.
         assert e["total"] == pytest.approx(
-            e["reconstruction"] + e["beta"] * e["kl"] + w_sem * e["semantic"], rel=1e-5
+            raw["reconstruction"] + e["beta"] * raw["kl"] + w_sem * raw["semantic"], rel=1e-5
         )
 
 
@@ -54,9 +61,10 @@ def test_cyclical_matches_fu_et_al(mtx):
 
 
 def test_defaults_and_byte_identical_json_for_the_same_seed(mtx):
-    a = mtx("anneal-demo", *FAST, "--epochs", "3", "--seed", "7")
-    b = mtx("anneal-demo", *FAST, "--epochs", "3", "--seed", "7")
-    c = mtx("anneal-demo", *FAST, "--epochs", "3", "--seed", "8")
+    # 5 epochs of 4 steps: enough for every rule, so only the β-trend ones are set aside
+    a = mtx("anneal-demo", "--json", "--epochs", "5", "--seed", "7")
+    b = mtx("anneal-demo", "--json", "--epochs", "5", "--seed", "7")
+    c = mtx("anneal-demo", "--json", "--epochs", "5", "--seed", "8")
     assert a.exit_code == 0, a.stderr
     assert a.stdout == b.stdout
     assert a.stdout != c.stdout
@@ -65,14 +73,23 @@ def test_defaults_and_byte_identical_json_for_the_same_seed(mtx):
         "type": "sigmoid", "min_beta": 0.0, "max_beta": 1.0, "cycles": 4, "ratio": 0.5
     }
     assert out["reduction"] == "mean"
+    assert out["reductions"] == {"reconstruction": "mean", "kl": "mean", "semantic": "mean"}
     # β moves, so the rules on the trend of the total are set aside, and say so.
-    assert out["not_checked"] == ["loss-oscillation", "loss-plateau"]
+    assert out["not_checked"] == [
+        {"code": "loss-oscillation", "reason": WHILE_BETA_CHANGES, "runs": ["sigmoid"]},
+        {"code": "loss-plateau", "reason": WHILE_BETA_CHANGES, "runs": ["sigmoid"]},
+    ]
+    # the one run's own diagnosis lists the same checks
+    assert [(c["code"], c["reason"]) for c in out["diagnosis"]["not_checked"]] == [
+        (c["code"], c["reason"]) for c in out["not_checked"]
+    ]
 
 
 def test_constant_beta_keeps_every_rule(mtx):
-    out = mtx("anneal-demo", *FAST, "--epochs", "2", "--min-beta", "0.3",
+    # 5 epochs of 4 steps: enough for every rule to run (none lacks epochs or steps)
+    out = mtx("anneal-demo", "--json", "--epochs", "5", "--min-beta", "0.3",
               "--max-beta", "0.3").json
-    assert out["beta_curve"] == [0.3, 0.3]
+    assert out["beta_curve"] == [0.3] * 5
     assert out["not_checked"] == []
 
 
@@ -90,7 +107,8 @@ def test_plot_writes_png_atomically(mtx, tmp_path):
     run = mtx("anneal-demo", *FAST, "--epochs", "2", "--plot", str(path))
     assert run.exit_code == 0, run.stderr
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert run.json["plot"] == str(path)
+    assert run.json["config"]["plot"] == str(path)
+    assert "plot" not in run.json  # the path is part of the config, not a key of its own
     assert [p.name for p in tmp_path.iterdir()] == ["beta.png"]  # no temp file left
 
 

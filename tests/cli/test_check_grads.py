@@ -8,15 +8,19 @@ import torch
 from torch import nn
 
 from meaning_transform.diagnostics.gradients import ParamGradStats
+from meaning_transform.diagnostics.structure import biases_before_batch_norm
+from meaning_transform.diagnostics.thresholds import LARGE_UPDATE, VANISHING_ABS_MEAN
 from meaning_transform.model import MeaningVAE
-from meaning_transform.studies.check_grads import (
-    LARGE_UPDATE,
-    TINY_ABS_MEAN,
-    biases_before_batchnorm,
-    param_flags,
-    run_check_grads,
+from meaning_transform.studies.check_grads import param_flags, run_check_grads
+from meaning_transform.studies.pipeline import Pipeline
+from meaning_transform.studies.report import CheckGradsConfig, CheckGradsReport
+from meaning_transform.studies.setup import (
+    Dataset,
+    ModelFactory,
+    build_loss,
+    default_model,
+    get_data,
 )
-from meaning_transform.studies.setup import build_loss, default_model, get_data
 from meaning_transform.training import TrainConfig
 
 ONE_STEP = ("--epochs", "1", "--batch-size", "0", "--json")
@@ -30,6 +34,16 @@ def _with_unused_layer(input_dim: int, seed: int) -> nn.Module:
     model = _tiny_vae(input_dim, seed)
     model.unused = nn.Linear(3, 3)  # registered, trainable, never called in forward
     return model
+
+
+def _study(dataset: Dataset, config: TrainConfig, factory: ModelFactory) -> CheckGradsReport:
+    """The study in-process, as the CLI runs it (default weights 1/0.1/0.5)."""
+    pipeline = Pipeline(dataset=dataset, train_config=config, model_factory=factory)
+    options = CheckGradsConfig(
+        epochs=config.epochs, batch_size=config.batch_size or 0, device=config.device,
+        seed=config.seed, clip=config.clip_grad_norm,
+    )
+    return run_check_grads(pipeline, options, recon=1.0, kl=0.1, semantic=0.5)
 
 
 # ---------------------------------------------------------------- the reference: clip_grad_norm_
@@ -55,7 +69,7 @@ def test_study_matches_clip_grad_norm_computed_independently():
     """Rebuild the first step by hand: same model, loss and batch; call clip_grad_norm_."""
     dataset = get_data(None, n=64, seed=1)
     config = TrainConfig(epochs=1, batch_size=None, seed=0)
-    result = run_check_grads(dataset, config, model_factory=_tiny_vae)
+    result = _study(dataset, config, _tiny_vae)
 
     model = _tiny_vae(dataset.n_features, config.seed)
     loss_fn = build_loss(1.0, 0.1, 0.5, dataset, "mean")
@@ -63,18 +77,18 @@ def test_study_matches_clip_grad_norm_computed_independently():
     params = [p for p in model.parameters() if p.requires_grad]
     expected = float(nn.utils.clip_grad_norm_(params, max_norm=math.inf))
 
-    assert result["steps"][0]["total_norm"] == pytest.approx(expected, rel=1e-6)
-    assert result["steps"][0]["clip_grad_norm"] == pytest.approx(expected, rel=1e-6)
-    by_name = {p["name"]: p for p in result["parameters"]}
+    assert result.steps[0].total_norm == pytest.approx(expected, rel=1e-6)
+    assert result.steps[0].clip_grad_norm == pytest.approx(expected, rel=1e-6)
+    by_name = {p.name: p for p in result.parameters}
     assert list(by_name) == [name for name, _ in model.named_parameters()]
     for name, p in model.named_parameters():
         g = p.grad.double()
         row = by_name[name]
-        assert row["shape"] == list(p.shape)
-        assert row["norm"] == pytest.approx(float(g.norm()), rel=1e-5, abs=1e-12)
-        assert row["min"] == pytest.approx(float(g.min()), rel=1e-6, abs=1e-12)
-        assert row["max"] == pytest.approx(float(g.max()), rel=1e-6, abs=1e-12)
-        assert row["zero_fraction"] == pytest.approx(float((g == 0).double().mean()))
+        assert row.shape == tuple(p.shape)
+        assert row.norm == pytest.approx(float(g.norm()), rel=1e-5, abs=1e-12)
+        assert row.min == pytest.approx(float(g.min()), rel=1e-6, abs=1e-12)
+        assert row.max == pytest.approx(float(g.max()), rel=1e-6, abs=1e-12)
+        assert row.zero_fraction == pytest.approx(float((g == 0).double().mean()))
 
 
 def test_clip_is_applied_after_the_measurement():
@@ -85,14 +99,14 @@ def test_clip_is_applied_after_the_measurement():
         return built[-1]
 
     dataset = get_data(None, n=64, seed=1)
-    result = run_check_grads(dataset, TrainConfig(epochs=1, clip_grad_norm=1e-3),
-                             model_factory=factory)
+    result = _study(dataset, TrainConfig(epochs=1, clip_grad_norm=1e-3), factory)
     # the gradients the optimizer used (still in .grad) were clipped ...
     used = nn.utils.clip_grad_norm_(built[0].parameters(), max_norm=math.inf)
     assert float(used) == pytest.approx(1e-3, rel=1e-3)
     # ... and what was reported is the norm before clipping
-    assert result["total_norm"] > 100 * 1e-3
-    assert result["steps"][0]["clipped"] is True
+    assert result.total_norm > 100 * 1e-3
+    assert result.steps[0].clipped is True
+    assert result.clip == 1e-3
 
 
 # ---------------------------------------------------------------- a healthy run
@@ -113,26 +127,28 @@ def test_healthy_run_covers_every_parameter_and_flags_nothing_wrong(mtx):
         if len(p["shape"]) == 2:  # a weight matrix moved after one step with lr > 0
             assert p["update_ratio"] > 0
     # the Linear biases that feed BatchNorm are noted, not flagged as vanished
-    absorbed = {p["name"] for p in out["parameters"] if "bn-absorbed" in p["flags"]}
-    assert absorbed == biases_before_batchnorm(model)
+    absorbed = [p["name"] for p in out["parameters"] if "bn-absorbed" in p["flags"]]
+    assert absorbed == list(biases_before_batch_norm(model))
+    assert absorbed  # the built-in model has batch norm
     assert out["first_layer"] == "encoder.layers.0.linear.weight"
     assert out["last_layer"] == "decoder.fc_out.weight"
     assert out["first_last_ratio"] > 0
     assert out["weights"] == {"reconstruction": 1.0, "kl": 0.1, "semantic": 0.5}
     assert out["batch_size"] == 512 and out["reduction"] == "mean"
+    assert out["device"] == "cpu" and out["config"]["device"] == "auto"  # used vs asked
+    assert out["thresholds"] == {"tiny_abs_mean": VANISHING_ABS_MEAN,
+                                 "large_update": LARGE_UPDATE}
 
 
 def test_unused_parameter_is_never_received_and_flagged():
     dataset = get_data(None, n=64, seed=1)
-    result = run_check_grads(
-        dataset, TrainConfig(epochs=2, batch_size=32), model_factory=_with_unused_layer
-    )
-    assert result["never_received"] == ["unused.weight", "unused.bias"]
-    flags = {p["name"]: p["flags"] for p in result["parameters"]}
-    assert flags["unused.weight"] == ["no-grad"] and flags["unused.bias"] == ["no-grad"]
+    result = _study(dataset, TrainConfig(epochs=2, batch_size=32), _with_unused_layer)
+    assert result.never_received == ("unused.weight", "unused.bias")
+    flags = {p.name: p.flags for p in result.parameters}
+    assert flags["unused.weight"] == ("no-grad",) and flags["unused.bias"] == ("no-grad",)
     assert not any("no-grad" in f for n, f in flags.items() if not n.startswith("unused."))
-    assert all(s["missing"] == ["unused.weight", "unused.bias"] for s in result["steps"])
-    assert len(result["steps"]) == 4
+    assert all(s.missing == ("unused.weight", "unused.bias") for s in result.steps)
+    assert len(result.steps) == 4
 
 
 def test_weights_and_clip_options_reach_the_loss(mtx):
@@ -140,6 +156,7 @@ def test_weights_and_clip_options_reach_the_loss(mtx):
               "--semantic-weight", "0", "--reduction", "sum").json
     assert out["weights"] == {"reconstruction": 2.0, "kl": 0.3, "semantic": 0.0}
     assert out["reduction"] == "sum"
+    assert out["config"]["reduction"] == "sum" and out["config"]["kl_weight"] == 0.3
     assert out["clip"] is None and out["steps"][0]["clipped"] is False
 
 
@@ -164,8 +181,8 @@ def _stats(**kw: object) -> ParamGradStats:
         (_stats(has_grad=False, norm=None), (), False, ["missing"]),
         (_stats(non_finite=3), (), False, ["non-finite"]),
         (_stats(zero_fraction=1.0, abs_mean=0.0), (), False, ["all-zero"]),
-        (_stats(abs_mean=TINY_ABS_MEAN / 2), (), False, ["tiny"]),
-        (_stats(abs_mean=TINY_ABS_MEAN / 2), (), True, ["bn-absorbed"]),
+        (_stats(abs_mean=VANISHING_ABS_MEAN / 2), (), False, ["tiny"]),
+        (_stats(abs_mean=VANISHING_ABS_MEAN / 2), (), True, ["bn-absorbed"]),
         (_stats(update_ratio=0.0), (), False, ["frozen"]),
         (_stats(update_ratio=LARGE_UPDATE * 2), (), False, ["large-update"]),
         # vectors (biases, BatchNorm) start near zero: a large relative update is normal
@@ -175,18 +192,18 @@ def _stats(**kw: object) -> ParamGradStats:
     ],
 )
 def test_param_flags_thresholds(stats, never, absorbed, flags):
-    assert param_flags(stats, never, absorbed) == flags
+    assert param_flags(stats, never, absorbed) == tuple(flags)
 
 
-def test_biases_before_batchnorm_follow_the_model_structure():
-    with_bn = biases_before_batchnorm(MeaningVAE(hidden_dims=(8, 4)))
-    assert with_bn == {
+def test_biases_before_batch_norm_follow_the_model_structure():
+    with_bn = biases_before_batch_norm(MeaningVAE(hidden_dims=(8, 4)))
+    assert with_bn == (  # in registration order
         "encoder.layers.0.linear.bias",
         "encoder.layers.1.linear.bias",
         "decoder.layers.0.linear.bias",
         "decoder.layers.1.linear.bias",
-    }
-    assert biases_before_batchnorm(MeaningVAE(hidden_dims=(8, 4), use_batch_norm=False)) == set()
+    )
+    assert biases_before_batch_norm(MeaningVAE(hidden_dims=(8, 4), use_batch_norm=False)) == ()
 
 
 # ---------------------------------------------------------------- CLI conventions
@@ -206,7 +223,8 @@ def test_plot_writes_png(mtx, tmp_path):
     run = mtx("check-grads", *ONE_STEP, "--plot", str(path))
     assert run.exit_code == 0, run.stderr
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert run.json["plot"] == str(path)
+    assert run.json["config"]["plot"] == str(path)
+    assert "plot" not in run.json  # the path is part of the config, not a key of its own
     assert [p.name for p in tmp_path.iterdir()] == ["grads.png"]  # no temp file left
 
 
@@ -272,5 +290,5 @@ def test_help_does_not_need_torch_to_be_fast():
 def test_torch_is_seeded_locally():
     """The study must not move the global RNG (the model owns its generators)."""
     before = torch.random.get_rng_state()
-    run_check_grads(get_data(None, n=16, seed=0), TrainConfig(epochs=1), model_factory=_tiny_vae)
+    _study(get_data(None, n=16, seed=0), TrainConfig(epochs=1), _tiny_vae)
     assert torch.equal(before, torch.random.get_rng_state())

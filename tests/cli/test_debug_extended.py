@@ -16,7 +16,7 @@ AGENT_NAMES = [
 ]
 SECTIONS = {
     "data", "weights", "reduction", "batch_size", "output_activation", "parameters",
-    "untrained_pass", "measured_on", "kl_terms", "latent", "collapse", "recon_per_feature",
+    "untrained_pass", "measured_on", "kl_terms", "recon_per_feature",
     "gradients", "annealing", "records", "diagnosis",
 }
 
@@ -88,7 +88,7 @@ def test_healthy_default_has_no_parameter_flagged(all_kinds):
 
 def test_kl_terms_add_up_to_the_kl_per_dimension(normal):
     kind = normal["kinds"][0]
-    health = kind["latent"]
+    health = kind["diagnosis"]["latent"]
     latent_dim = health["latent_dim"]
     assert latent_dim == 4
     assert len(health["kl_per_dim"]) == latent_dim
@@ -108,9 +108,8 @@ def test_kl_terms_add_up_to_the_kl_per_dimension(normal):
         sum(max(health["free_bits_lambda"], v) for v in health["kl_per_dim"])
     )
     # The latent table is what the rules judged, over all samples.
-    assert health == kind["diagnosis"]["latent"]
     assert health["num_samples"] == kind["data"]["n_samples"] == 256
-    assert kind["collapse"] == kind["diagnosis"]["collapse"]
+    assert kind["diagnosis"]["collapse"]["code"] == "posterior-collapse"
 
 
 def test_gradient_hooks_capture_every_training_step(normal):
@@ -273,7 +272,8 @@ def test_user_model_is_the_one_inspected(mtx, tmp_path):
         "dec.weight", "dec.bias",
     ]
     assert kind["gradients"]["hooks_registered"] == 8
-    assert len(kind["latent"]["kl_per_dim"]) == kind["latent"]["latent_dim"] == 2
+    latent = kind["diagnosis"]["latent"]
+    assert len(latent["kl_per_dim"]) == latent["latent_dim"] == 2
     assert kind["output_activation"] is None
 
 
@@ -343,11 +343,10 @@ def test_collapsed_latent_table_and_findings_agree():
     """The bug: the latent table said "collapsed" and the run ended with no findings."""
     report = _study(_CollapsedVAE, epochs=2, batch_size=2, n=24)  # 24 steps >= 20
     (kind,) = report.kinds
-    assert kind.latent.collapsed and kind.latent.active_units == 0
-    assert kind.latent is kind.diagnosis.latent  # the rules judged the numbers shown
-    assert kind.latent.num_samples == 24  # the trained model, all samples
-    assert kind.collapse == kind.diagnosis.collapse
-    assert kind.collapse.status == "finding"
+    latent = kind.diagnosis.latent  # the numbers the table shows are the ones judged
+    assert latent.collapsed and latent.active_units == 0
+    assert latent.num_samples == 24  # the trained model, all samples
+    assert kind.diagnosis.collapse.status == "finding"
     assert "posterior-collapse" in kind.diagnosis.findings
     assert [f.runs for f in report.findings if f.code == "posterior-collapse"] == [("normal",)]
 
@@ -363,7 +362,7 @@ def test_report_json_follows_the_dataclass_field_order():
     assert list(kind) == [
         "kind", "data", "agent_layout", "weights", "reduction", "batch_size",
         "output_activation", "parameters", "untrained_pass", "measured_on", "kl_terms",
-        "latent", "collapse", "recon_per_feature", "gradients", "annealing", "records",
+        "recon_per_feature", "gradients", "annealing", "records",
         "diagnosis",
     ]
     assert to_json(report) == to_json(_study(_CollapsedVAE))  # same seed, same bytes

@@ -11,6 +11,7 @@ def test_presets_run_from_fresh_models_with_their_weights(mtx):
     assert run.exit_code == 0, run.stderr
     out = run.json
     assert out["command"] == "debug-loss"
+    assert out["device"] == "cpu" and out["config"]["device"] == "auto"  # used vs asked
     weights = {r["name"]: r["weights"] for r in out["runs"]}
     assert weights == {
         "Default": {"reconstruction": 1.0, "kl": 0.1, "semantic": 0.5},
@@ -30,6 +31,14 @@ def test_presets_run_from_fresh_models_with_their_weights(mtx):
         assert r["reduction"]["reconstruction"] == "mean"
     no_sem = next(r for r in out["runs"] if r["name"] == "No Semantic")
     assert "off" in no_sem["final"]["components"]["semantic"]["flags"]
+    # each run's diagnosis is its own; the summary repeats its finding codes
+    for r, row in zip(out["runs"], out["summary"], strict=True):
+        assert row["name"] == r["name"]
+        assert not {"attribution", "latent", "findings"} & set(r)
+        assert list(r["diagnosis"]) == ["attribution", "latent", "collapse", "findings",
+                                        "not_checked"]
+        assert row["findings"] == r["diagnosis"]["findings"]
+        assert all(isinstance(code, str) for code in row["findings"])
 
 
 def test_single_configuration_from_weight_options(mtx):
@@ -37,6 +46,10 @@ def test_single_configuration_from_weight_options(mtx):
     assert [r["name"] for r in out["runs"]] == ["Custom"]
     assert out["runs"][0]["weights"] == {"reconstruction": 1.0, "kl": 0.3, "semantic": 0.0}
     assert out["exit_code"] == 0
+    # the options as given, next to the weights as used (unset ones are the presets')
+    assert {k: out["config"][k] for k in ("recon_weight", "kl_weight", "semantic_weight")} == {
+        "recon_weight": None, "kl_weight": 0.3, "semantic_weight": 0.0
+    }
 
 
 def test_reported_grad_norm_is_the_norm_before_clipping(mtx):
@@ -59,6 +72,7 @@ def test_sum_reduction_is_shown(mtx):
     assert out["runs"][0]["reduction"] == {
         "reconstruction": "sum", "kl": "sum", "semantic": "sum"
     }
+    assert out["reduction"] == out["config"]["reduction"] == "sum"
 
 
 def test_user_data_file(mtx, agent_file):
@@ -86,7 +100,8 @@ def test_plot_writes_png(mtx, tmp_path):
     run = mtx("debug-loss", *FAST, "--kl-weight", "0.1", "--plot", str(path))
     assert run.exit_code == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert run.json["plot"] == str(path)
+    assert run.json["config"]["plot"] == str(path)
+    assert "plot" not in run.json  # the path is part of the config, not a key of its own
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temp file left
 
 

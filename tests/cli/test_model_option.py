@@ -79,6 +79,7 @@ def test_user_model_runs_in_every_command(mtx, model_file):
         run = mtx(command, "--epochs", "2", "--json", "--model", spec, *extra)
         assert run.exit_code in (0, 1), (command, run.stderr)
         assert run.json["command"] == command
+        assert run.json["config"]["model"] == spec
 
 
 def test_user_model_parameters_are_the_ones_reported(mtx, model_file):

@@ -172,3 +172,23 @@ def test_bad_arguments_are_named(model, x):
         term_attribution({"v": model(x)["mu"][:, 0]}, {"v": 1.0}, model)
     with pytest.raises(ValueError, match="method"):
         term_attribution(terms, {"recon": 1.0, "kl": 1.0}, model, method="vmap")
+
+
+def test_summary_means_skip_steps_that_did_not_attribute_a_term():
+    from meaning_transform.diagnostics.attribution import Attribution, summarise_attributions
+
+    def att(norms: dict[str, float]) -> Attribution:
+        names = tuple(norms)
+        return Attribution(
+            terms=names, weights=dict.fromkeys(names, 1.0), total_of=names, norm=norms,
+            weighted_norm=norms, share=dict.fromkeys(names, 0.5),
+            cosine={a: {b: (1.0 if a == b else -0.5) for b in names} for a in names},
+            total_norm=1.0, method="loop", fallback_reason=None, zero_gradient=(),
+            detached=(), conflicts=(),
+        )
+
+    summary = summarise_attributions([att({"rec": 2.0}), att({"rec": 4.0, "kl": 1.0})])
+    assert summary.norm == {"rec": 3.0, "kl": 1.0}  # kl: its one attributed step
+    assert summary.cosine["rec"]["kl"] == -0.5
+    assert summary.steps_attributed == 2
+    assert summarise_attributions([]) is None

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from meaning_transform.data import synthetic_agent_states
+from meaning_transform.diagnostics.attribution import AttributionSummary
 from meaning_transform.diagnostics.doctor import Doctor
 from meaning_transform.losses import CombinedLoss
 
@@ -54,7 +55,15 @@ def test_healthy_user_loop_has_no_warnings():
     findings = doctor.findings(data=x)
     assert [f.code for f in findings if f.severity != "info"] == []
     assert len(doctor.hooks.history) == 12  # one gradient snapshot per backward
-    assert doctor.summary().steps_attributed == 12
+    summary = doctor.summary()
+    assert isinstance(summary, AttributionSummary)
+    assert summary.steps_attributed == 12
+    assert {"reconstruction", "kl", "semantic"} <= set(summary.norm)
+
+
+def test_summary_is_none_before_any_attribution():
+    with Doctor(MyVAE()) as doctor:
+        assert doctor.summary() is None
 
 
 def test_user_loop_finds_frozen_noise_and_hard_semantics():
