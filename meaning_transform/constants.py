@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Literal
 
 ScheduleType = Literal["linear", "sigmoid", "cyclical", "exponential"]
+Reduction = Literal["mean", "sum"]
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
-REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 # Typed as the literals so that ``x in SCHEDULES`` narrows a str to ScheduleType for mypy.
+REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum")
 SCHEDULES: tuple[ScheduleType, ...] = ("linear", "sigmoid", "cyclical", "exponential")
 DATA_KINDS: tuple[str, ...] = ("agent_states", "normal", "uniform", "binary", "one_hot")
 # The loss components the built-in CombinedLoss reports, in table order.

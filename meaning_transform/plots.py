@@ -46,10 +46,20 @@ from meaning_transform.studies.report import (  # noqa: E402
 
 LOG_SPAN = 100.0  # max / min from which a positive axis is logarithmic
 LABELLED_DECADES = 3  # a log axis spanning at most this many decades labels 2 and 5 too
-LABELS = {"reconstruction": "reconstruction", "kl": "KL", "semantic": "semantic",
-          "compression": "compression"}
-COLOURS = {"total": "black", "reconstruction": "tab:blue", "kl": "tab:orange",
-           "semantic": "tab:green", "compression": "tab:purple", "beta": "tab:grey"}
+LABELS = {
+    "reconstruction": "reconstruction",
+    "kl": "KL",
+    "semantic": "semantic",
+    "compression": "compression",
+}
+COLOURS = {
+    "total": "black",
+    "reconstruction": "tab:blue",
+    "kl": "tab:orange",
+    "semantic": "tab:green",
+    "compression": "tab:purple",
+    "beta": "tab:grey",
+}
 FLAGGED, NOT_FLAGGED, NOTE = "tab:red", "tab:blue", "tab:grey"
 NOT_FINITE = "non-finite values not drawn"
 NOTHING_FINITE = "no finite value to draw"
@@ -85,8 +95,9 @@ def _debug_loss(report: DebugLossReport) -> Figure:
         ax = fig.add_subplot(grid[i // cols, i % cols], sharey=first)
         first = first or ax
         drawn = _total_and_parts(ax, run.epochs, report.reduction)
-        ax.set_title(_titled(f"{run.name} ({_weights_text(run.weights)})", drawn),
-                     fontsize="medium")
+        ax.set_title(
+            _titled(f"{run.name} ({_weights_text(run.weights)})", drawn), fontsize="medium"
+        )
         _say_if_empty(ax, drawn)
         values += drawn
     if first is not None:
@@ -111,16 +122,22 @@ def _final_raw_bars(ax: Axes, report: DebugLossReport) -> None:
         xs = [j - 0.4 + (i + 0.5) * width for j in range(len(runs))]
         ax.bar(xs, ys, width, label=LABELS.get(comp, comp), color=COLOURS.get(comp))
         for x in (x for x, o in zip(xs, off) if o):
-            ax.annotate("off", (x, 0), xycoords=ax.get_xaxis_transform(), xytext=(0, 3),
-                        textcoords="offset points", ha="center", fontsize="small",
-                        color=COLOURS.get(comp))
+            ax.annotate(
+                "off",
+                (x, 0),
+                xycoords=ax.get_xaxis_transform(),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                fontsize="small",
+                color=COLOURS.get(comp),
+            )
     ax.set_xticks(range(len(runs)), [run.name for run in runs])
     ax.set_xlim(-0.5, len(runs) - 0.5)
     ax.set_xlabel("configuration")
     ax.set_ylabel(f"raw value ({report.reduction})")
     _value_scale(ax, values, bars=True)
-    ax.set_title(_titled("unweighted components at the last epoch", values),
-                 fontsize="medium")
+    ax.set_title(_titled("unweighted components at the last epoch", values), fontsize="medium")
     _legend_outside(ax)
 
 
@@ -147,8 +164,9 @@ def _anneal(report: AnnealReport) -> Figure:
 
     values: list[float] = []
     for name in _drawn_components(report.epochs, include_off=True):
-        ys = _finite([e.components[name].raw if name in e.components else math.nan
-                      for e in report.epochs])
+        ys = _finite(
+            [e.components[name].raw if name in e.components else math.nan for e in report.epochs]
+        )
         values += ys
         ax_raw.plot(xs, ys, marker=".", label=LABELS.get(name, name), color=COLOURS.get(name))
     ax_raw.set_xlabel("epoch")
@@ -157,8 +175,10 @@ def _anneal(report: AnnealReport) -> Figure:
     _epoch_axis(ax_raw, xs)
     _value_scale(ax_raw, values)
     _legend_outside(ax_raw)
-    fig.suptitle(f"anneal-demo: {report.schedule.type} β from {report.schedule.min_beta:g} "
-                 f"to {report.schedule.max_beta:g}{_about(report)}")
+    fig.suptitle(
+        f"anneal-demo: {report.schedule.type} β from {report.schedule.min_beta:g} "
+        f"to {report.schedule.max_beta:g}{_about(report)}"
+    )
     return fig
 
 
@@ -176,8 +196,7 @@ def _check_grads(report: CheckGradsReport) -> Figure:
 
     xs = [s.step for s in report.steps]
     norms = _finite([s.total_norm for s in report.steps])  # None: a skipped step
-    ax_steps.plot(xs, norms, marker=".", label="total norm (before clipping)",
-                  color=NOT_FLAGGED)
+    ax_steps.plot(xs, norms, marker=".", label="total norm (before clipping)", color=NOT_FLAGGED)
     if report.clip is not None:
         ax_steps.axhline(report.clip, color=FLAGGED, linestyle="--", label="--clip max norm")
     ax_steps.set_title(_titled("total gradient norm per step", norms), fontsize="medium")
@@ -194,8 +213,10 @@ def _parameter_bars(ax: Axes, report: CheckGradsReport) -> None:
     """Horizontal bars, first parameter at the top. A flagged one is red and its flags
     follow its name (``bn-absorbed`` alone is a note, grey)."""
     params = report.parameters
-    colours = [FLAGGED if set(p.flags) - {"bn-absorbed"} else NOTE if p.flags else NOT_FLAGGED
-               for p in params]
+    colours = [
+        FLAGGED if set(p.flags) - {"bn-absorbed"} else NOTE if p.flags else NOT_FLAGGED
+        for p in params
+    ]
     # a log axis has no 0: a zero or missing norm has no bar, and its flags say why
     norms = [n if n > 0 else math.nan for n in _finite(p.norm for p in params)]
     ys = range(len(params))
@@ -210,8 +231,10 @@ def _parameter_bars(ax: Axes, report: CheckGradsReport) -> None:
     _value_scale(ax, norms, axis="x", bars=True)
     # a missing gradient (None) is in the flags; only a non-finite one is noted
     measured = _finite(p.norm for p in params if p.norm is not None)
-    ax.set_title(_titled(f"per parameter at step {report.last_step} "
-                         "(red: flagged, grey: note)", measured), fontsize="medium")
+    ax.set_title(
+        _titled(f"per parameter at step {report.last_step} (red: flagged, grey: note)", measured),
+        fontsize="medium",
+    )
 
 
 # --------------------------------------------------------------------------- debug-extended
@@ -230,21 +253,27 @@ def _debug_extended(report: DebugExtendedReport) -> Figure:
         _annealing(ax_anneal, section.annealing, section.weights, report.reduction)
         # measured_on reads "<what>: <which model, which samples>"; the panels say what
         on = section.measured_on.split(": ", 1)[-1]
-        sub.suptitle(f"{section.kind}: {section.data.n_samples} samples × "
-                     f"{section.data.n_features} features; KL and errors of {on}",
-                     fontsize="medium", fontweight="bold")
+        sub.suptitle(
+            f"{section.kind}: {section.data.n_samples} samples × "
+            f"{section.data.n_features} features; KL and errors of {on}",
+            fontsize="medium",
+            fontweight="bold",
+        )
     fig.suptitle(f"debug-extended: one row per data kind{_about(report, data=False)}")
     return fig
 
 
 def _kl_per_dim(ax: Axes, section: KindSection) -> None:
     """Bars, red for a collapsed dimension, and the collapse threshold."""
-    latent = section.diagnosis.latent
+    latent = section.latent
     kl = _finite(latent.kl_per_dim)
     threshold = latent.collapse_threshold
     collapsed = set(latent.collapsed_dims)
-    ax.bar(range(len(kl)), kl,
-           color=[FLAGGED if j in collapsed else NOT_FLAGGED for j in range(len(kl))])
+    ax.bar(
+        range(len(kl)),
+        kl,
+        color=[FLAGGED if j in collapsed else NOT_FLAGGED for j in range(len(kl))],
+    )
     ax.axhline(threshold, color="dimgrey", linestyle=":")
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats, mean over samples)")
@@ -253,14 +282,22 @@ def _kl_per_dim(ax: Axes, section: KindSection) -> None:
     else:
         _epoch_axis(ax, range(len(kl)))
     _value_scale(ax, [*kl, threshold], bars=True)
-    ax.set_title(_titled(f"KL per dimension ({len(collapsed)} of {len(kl)} collapsed)", kl),
-                 fontsize="medium")
+    ax.set_title(
+        _titled(f"KL per dimension ({len(collapsed)} of {len(kl)} collapsed)", kl),
+        fontsize="medium",
+    )
     ax.legend(
-        handles=[Patch(color=NOT_FLAGGED, label="KL"),
-                 Patch(color=FLAGGED, label="collapsed"),
-                 Line2D([], [], color="dimgrey", linestyle=":",
-                        label=f"collapse threshold {threshold:g}")],
-        loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize="small",
+        handles=[
+            Patch(color=NOT_FLAGGED, label="KL"),
+            Patch(color=FLAGGED, label="collapsed"),
+            Line2D(
+                [], [], color="dimgrey", linestyle=":", label=f"collapse threshold {threshold:g}"
+            ),
+        ],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        borderaxespad=0,
+        fontsize="small",
     )
 
 
@@ -276,20 +313,27 @@ def _recon_per_feature(ax: Axes, section: KindSection) -> None:
     ax.set_title(_titled("reconstruction error per feature", errors), fontsize="medium")
 
 
-def _annealing(ax: Axes, run: AnnealingRun, weights: Mapping[str, float],
-               reduction: str) -> None:
+def _annealing(ax: Axes, run: AnnealingRun, weights: Mapping[str, float], reduction: str) -> None:
     """The total and its weighted parts (β × KL with each epoch's β); β on a twin axis.
     The run records raw components; the weights are the section's, β replaces KL's."""
     xs = [e.epoch for e in run.epochs]
     w_recon, w_semantic = weights.get("reconstruction", 1.0), weights.get("semantic", 0.0)
     parts = [
-        (f"{w_recon:g} × reconstruction", "reconstruction",
-         [w_recon * e.reconstruction for e in run.epochs]),
+        (
+            f"{w_recon:g} × reconstruction",
+            "reconstruction",
+            [w_recon * e.reconstruction for e in run.epochs],
+        ),
         ("β × KL", "kl", [e.beta * e.kl for e in run.epochs]),
     ]
     if w_semantic:  # 0 off the agent layout: not part of the total
-        parts.append((f"{w_semantic:g} × semantic", "semantic",
-                      [w_semantic * e.semantic for e in run.epochs]))
+        parts.append(
+            (
+                f"{w_semantic:g} × semantic",
+                "semantic",
+                [w_semantic * e.semantic for e in run.epochs],
+            )
+        )
     total = _finite([e.total for e in run.epochs])
     ax.plot(xs, total, marker="o", color=COLOURS["total"], linewidth=2, label="total")
     values = list(total)
@@ -301,8 +345,13 @@ def _annealing(ax: Axes, run: AnnealingRun, weights: Mapping[str, float],
     ax.set_ylabel(f"loss ({reduction})")
     _epoch_axis(ax, xs)
     _value_scale(ax, values)
-    ax.set_title(_titled(f"{run.schedule} β {run.min_beta:g} → {run.max_beta:g}: "
-                         "total and weighted parts", values), fontsize="medium")
+    ax.set_title(
+        _titled(
+            f"{run.schedule} β {run.min_beta:g} → {run.max_beta:g}: total and weighted parts",
+            values,
+        ),
+        fontsize="medium",
+    )
     twin = ax.twinx()
     betas = [e.beta for e in run.epochs]
     twin.plot(xs, betas, color=COLOURS["beta"], linestyle="--", label="β (right axis)")
@@ -311,8 +360,13 @@ def _annealing(ax: Axes, run: AnnealingRun, weights: Mapping[str, float],
     _value_scale(twin, betas)
     # one legend for both axes, right of the twin's numbers: it overlaps neither
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    twin.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.12, 1),
-                borderaxespad=0, fontsize="small")
+    twin.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.12, 1),
+        borderaxespad=0,
+        fontsize="small",
+    )
 
 
 # --------------------------------------------------------------------------- shared
@@ -341,7 +395,9 @@ def _total_and_parts(ax: Axes, epochs: Sequence[EpochRow], reduction: str) -> li
 def _drawn_components(epochs: Sequence[EpochRow], include_off: bool = False) -> list[str]:
     """Components in table order; without ``include_off`` only those weighted in some epoch."""
     return _ordered(
-        name for e in epochs for name, row in e.components.items()
+        name
+        for e in epochs
+        for name, row in e.components.items()
         if include_off or "off" not in row.flags
     )
 
@@ -352,7 +408,7 @@ def _ordered(names: Iterable[str]) -> list[str]:
 
 
 def _weighted_label(name: str, weights: Sequence[float]) -> str:
-    """"0.5 × semantic" for a fixed weight, "β × KL" for a KL weight that changes."""
+    """ "0.5 × semantic" for a fixed weight, "β × KL" for a KL weight that changes."""
     label = LABELS.get(name, name)
     if len(set(weights)) > 1:
         return f"β × {label}" if name == "kl" else f"weighted {label}"
@@ -387,8 +443,13 @@ def _epoch_axis(ax: Axes, xs: Iterable[int]) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _value_scale(ax: Axes, values: Iterable[float | None], axis: str = "y",
-                 bars: bool = False, say_if_empty: bool = True) -> bool:
+def _value_scale(
+    ax: Axes,
+    values: Iterable[float | None],
+    axis: str = "y",
+    bars: bool = False,
+    say_if_empty: bool = True,
+) -> bool:
     """Logarithmic when every finite value is positive and they span :data:`LOG_SPAN`,
     else linear. Bars start at 0 (linear) or at the decade below the least (log), with
     room above the highest. Returns whether the axis is logarithmic."""
@@ -413,8 +474,15 @@ def _value_scale(ax: Axes, values: Iterable[float | None], axis: str = "y",
 
 def _say_if_empty(ax: Axes, values: Iterable[float]) -> None:
     if all(math.isnan(v) for v in values):
-        ax.text(0.5, 0.5, NOTHING_FINITE, transform=ax.transAxes, ha="center",
-                va="center", color=FLAGGED)
+        ax.text(
+            0.5,
+            0.5,
+            NOTHING_FINITE,
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color=FLAGGED,
+        )
 
 
 def _plain(value: float, _pos: int | None = None) -> str:
@@ -424,5 +492,4 @@ def _plain(value: float, _pos: int | None = None) -> str:
 def _legend_outside(ax: Axes) -> None:
     """With several lines, a legend to the right of the axes: it never covers the data."""
     if len(ax.get_legend_handles_labels()[0]) > 1:
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0,
-                  fontsize="small")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0, fontsize="small")

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from meaning_transform.losses.annealing import SCHEDULES, beta_annealing, check_schedule_type
 from meaning_transform.constants import COMPONENTS, DEVICES
+from meaning_transform.losses.annealing import SCHEDULES, beta_annealing, check_schedule_type
 from meaning_transform.optim import Adam
 
 _RESULT_KEYS = {

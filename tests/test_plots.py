@@ -32,8 +32,17 @@ from meaning_transform.training import BetaSchedule, TrainConfig
 
 EPOCHS = 3
 COMMON = {
-    "seed": 0, "device": "cpu", "epochs": EPOCHS, "batch_size": 0, "lr": 1e-3, "data": None,
-    "model": None, "scenario": "healthy", "reduction": "mean", "fail_on": "error", "plot": None,
+    "seed": 0,
+    "device": "cpu",
+    "epochs": EPOCHS,
+    "batch_size": 0,
+    "lr": 1e-3,
+    "data": None,
+    "model": None,
+    "scenario": "healthy",
+    "reduction": "mean",
+    "fail_on": "error",
+    "plot": None,
 }
 INTEGER_AXES = ("epoch", "optimizer step", "latent dimension")
 
@@ -45,22 +54,28 @@ def reports() -> dict[str, object]:
     kinds = [get_data(None, kind=kind, n=64, seed=0) for kind in ("agent_states", "normal")]
     return {
         "debug-loss": run_debug_loss(
-            pipeline, (PRESETS[0], PRESETS[2]),  # "No Semantic" has a component off
-            DebugLossConfig(**COMMON, recon_weight=None, kl_weight=None, semantic_weight=None,
-                            every=1),
+            pipeline,
+            (PRESETS[0], PRESETS[2]),  # "No Semantic" has a component off
+            DebugLossConfig(
+                **COMMON, recon_weight=None, kl_weight=None, semantic_weight=None, every=1
+            ),
         ),
         "anneal": run_anneal(
-            pipeline, BetaSchedule("linear"),
-            AnnealConfig(**COMMON, schedule="linear", min_beta=0.0, max_beta=1.0, cycles=4,
-                         ratio=0.5),
+            pipeline,
+            BetaSchedule("linear"),
+            AnnealConfig(
+                **COMMON, schedule="linear", min_beta=0.0, max_beta=1.0, cycles=4, ratio=0.5
+            ),
         ),
         "check-grads": run_check_grads(
             pipeline,
-            CheckGradsConfig(**COMMON, recon_weight=1.0, kl_weight=0.1, semantic_weight=0.5,
-                             clip=None),
+            CheckGradsConfig(
+                **COMMON, recon_weight=1.0, kl_weight=0.1, semantic_weight=0.5, clip=None
+            ),
         ),
         "debug-extended": run_debug_extended(
-            lambda d: Pipeline(dataset=d, train_config=config), kinds,
+            lambda d: Pipeline(dataset=d, train_config=config),
+            kinds,
             DebugExtendedConfig(**COMMON, data_kind="all", samples=64),
         ),
     }
@@ -92,7 +107,8 @@ def tick_texts(axis: Axis) -> list[tuple[float, str]]:
         locs = axis.get_ticklocs(minor=minor)
         labels = axis.get_ticklabels(minor=minor)
         out += [
-            (float(v), t.get_text()) for v, t in zip(locs, labels)
+            (float(v), t.get_text())
+            for v, t in zip(locs, labels)
             if t.get_visible() and t.get_text() and lo - 1e-9 * abs(lo) <= v <= hi + 1e-9 * abs(hi)
         ]
     return out
@@ -206,11 +222,15 @@ def test_debug_extended_has_one_row_of_three_panels_per_kind(reports, figures):
         kl, rec, anneal = sorted(row, key=lambda a: a.get_window_extent(renderer).x0)
         bars = [p.get_height() for p in kl.patches]
         assert bars == pytest.approx(section.diagnosis.latent.kl_per_dim)
-        threshold = [line for line in kl.get_lines() if set(line.get_ydata()) == {
-            section.diagnosis.latent.collapse_threshold}]
+        threshold = [
+            line
+            for line in kl.get_lines()
+            if set(line.get_ydata()) == {section.diagnosis.latent.collapse_threshold}
+        ]
         assert threshold, "no collapse-threshold line"
         assert [p.get_height() for p in rec.patches] == pytest.approx(
-            list(section.recon_per_feature.values()))
+            list(section.recon_per_feature.values())
+        )
         assert [t.get_text() for t in rec.get_xticklabels()] == list(section.recon_per_feature)
         total, labels, parts = total_and_parts(anneal)
         assert total == pytest.approx([e.total for e in section.annealing.epochs])

@@ -85,8 +85,17 @@ def _report_parts() -> dict[str, type]:
     )
 
     namespace: dict[str, object] = {}
-    for module in (report, attribution, findings, gradient_summary, kl_terms, latent,
-                   parameters, probe, tensor_stats):
+    for module in (
+        report,
+        attribution,
+        findings,
+        gradient_summary,
+        kl_terms,
+        latent,
+        parameters,
+        probe,
+        tensor_stats,
+    ):
         namespace.update(vars(module))
     found: dict[str, type] = {}
 
@@ -98,9 +107,16 @@ def _report_parts() -> dict[str, type]:
             for hint in typing.get_type_hints(t, globalns=namespace).values():
                 walk(hint)
 
-    for cls in (report.DebugLossReport, report.AnnealReport, report.CheckGradsReport,
-                report.DebugExtendedReport, report.DebugLossConfig, report.AnnealConfig,
-                report.CheckGradsConfig, report.DebugExtendedConfig):
+    for cls in (
+        report.DebugLossReport,
+        report.AnnealReport,
+        report.CheckGradsReport,
+        report.DebugExtendedReport,
+        report.DebugLossConfig,
+        report.AnnealConfig,
+        report.CheckGradsConfig,
+        report.DebugExtendedConfig,
+    ):
         walk(cls)
     return found
 

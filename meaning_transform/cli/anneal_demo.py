@@ -22,7 +22,6 @@ from meaning_transform.cli.common import (
     ScenarioName,
     Seed,
 )
-
 from meaning_transform.constants import SCHEDULES as SCHEDULE_TYPES
 
 

@@ -59,17 +59,13 @@ Seed = Annotated[
         "(what torch and numpy both accept).",
     ),
 ]
-Device = Annotated[
-    str, typer.Option("--device", help="auto|cpu|cuda|mps; auto falls back to cpu.")
-]
+Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|mps; auto falls back to cpu.")]
 Epochs = Annotated[
     int, typer.Option("--epochs", help=f"Training epochs per run, 1 to {MAX_EPOCHS:,}.")
 ]
 BatchSize = Annotated[
     int,
-    typer.Option(
-        "--batch-size", help=f"Mini-batch size, 0 (full batch) to {MAX_BATCH_SIZE:,}."
-    ),
+    typer.Option("--batch-size", help=f"Mini-batch size, 0 (full batch) to {MAX_BATCH_SIZE:,}."),
 ]
 Lr = Annotated[float, typer.Option("--lr", help="Adam learning rate.")]
 DataPath = Annotated[

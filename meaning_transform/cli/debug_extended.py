@@ -21,7 +21,6 @@ from meaning_transform.cli.common import (
     ScenarioName,
     Seed,
 )
-
 from meaning_transform.constants import DATA_KINDS
 
 DATA_KIND_CHOICES: tuple[str, ...] = ("all", *DATA_KINDS)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import singledispatch
 from typing import TYPE_CHECKING
 
@@ -88,6 +88,7 @@ SPARK = "▁▂▃▄▅▆▇█"
 STEPS_SHOWN = 12  # check-grads: a longer run shows its first and last steps
 FEATURES_SHOWN = 32  # debug-extended: wider data shows its worst-reconstructed features
 NO_FINDINGS = "No findings: nothing looks wrong."
+NO_FINDINGS_PARTLY = "No findings in the checks that ran (see Not checked above)."
 
 Cell = str | Text
 
@@ -197,6 +198,10 @@ class Grid:
     row_styles: tuple[str, ...] = ()
     key: tuple[int, ...] = (0,)
     split: bool = True
+    # (narrowest, widest) of each column, keyed by whether headers may wrap
+    _spans: dict[bool, tuple[tuple[int, int], ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         if self.title is not None:
@@ -213,8 +218,11 @@ class Grid:
             if widths is not None:
                 return [self._table(every, widths, style)]
         if self.split:  # fewest parts; the roomier style when it needs no more of them
-            splits = [p for p in (self._parts(width, st) for st in (_NARROW_HEADERS, _COMPACT))
-                      if p is not None]
+            splits = [
+                p
+                for p in (self._parts(width, st) for st in (_NARROW_HEADERS, _COMPACT))
+                if p is not None
+            ]
             if splits:
                 style, parts = min(splits, key=lambda p: len(p[1]))
                 tables: list[RenderableType] = []
@@ -229,12 +237,13 @@ class Grid:
 
     def __post_init__(self) -> None:
         # (narrowest, widest) of each column, with headers whole and with headers wrapped
-        spans = {w: tuple(self._measure(i, w) for i in range(len(self.columns)))
-                 for w in (False, True)}
+        spans = {
+            w: tuple(self._measure(i, w) for i in range(len(self.columns))) for w in (False, True)
+        }
         object.__setattr__(self, "_spans", spans)
 
     def _span(self, index: int, style: _Style) -> tuple[int, int]:
-        return self._spans[style.wrapped_headers][index]  # type: ignore[attr-defined]
+        return self._spans[style.wrapped_headers][index]
 
     def _measure(self, index: int, wrapped_headers: bool) -> tuple[int, int]:
         """(narrowest, widest) the column's content allows, header included."""
@@ -532,18 +541,19 @@ def not_checked_section(items: Sequence[NotChecked]) -> Grid | None:
     if not items:
         return None
     return grid(
-        [Col("not checked", "left"), Col("runs", "left", wrap=True),
-         Col("why", "left", wrap=True)],
+        [Col("not checked", "left"), Col("runs", "left", wrap=True), Col("why", "left", wrap=True)],
         [[c.code, ", ".join(c.runs) or "—", c.reason] for c in items],
         title="Not checked",
         split=False,
     )
 
 
-def findings_section(findings: Sequence[Finding]) -> RenderableType:
+def findings_section(
+    findings: Sequence[Finding], not_checked: Sequence[NotChecked] = ()
+) -> RenderableType:
     """severity, code, where, and the finding: title, message and → remedy."""
     if not findings:
-        return plain(NO_FINDINGS, "green")
+        return plain(NO_FINDINGS_PARTLY if not_checked else NO_FINDINGS, "green")
 
     def what(f: Finding) -> Text:
         text = Text()
@@ -553,10 +563,21 @@ def findings_section(findings: Sequence[Finding]) -> RenderableType:
         return text
 
     return grid(
-        [Col("severity", "left"), Col("code", "left"), Col("where", "left", wrap=True),
-         Col("finding", "left", wrap=True, readable=40)],
-        [[Text(f.severity, style=SEVERITY_STYLE.get(f.severity, "")), f.code, f.where or "—",
-          what(f)] for f in findings],
+        [
+            Col("severity", "left"),
+            Col("code", "left"),
+            Col("where", "left", wrap=True),
+            Col("finding", "left", wrap=True, readable=40),
+        ],
+        [
+            [
+                Text(f.severity, style=SEVERITY_STYLE.get(f.severity, "")),
+                f.code,
+                f.where or "—",
+                what(f),
+            ]
+            for f in findings
+        ],
         title="Findings",
         key=(0, 1),
         split=False,
@@ -569,7 +590,7 @@ def closing_sections(report: Report) -> list[RenderableType]:
     missing = not_checked_section(report.not_checked)
     if missing is not None:
         parts.append(missing)
-    parts.append(findings_section(report.findings))
+    parts.append(findings_section(report.findings, report.not_checked))
     return parts
 
 
@@ -591,8 +612,15 @@ def _compose(*parts: RenderableType | None) -> Group:
 def component_section(title: str, epoch: EpochRow, reduction: Mapping[str, str]) -> Grid:
     """component, reduction, raw, weight, weighted, share, flags; a total row; a caption."""
     rows: list[list[Cell]] = [
-        [name, reduction.get(name, "—"), num(row.raw), num(row.weight), num(row.weighted),
-         pct(row.share), flags_text(row.flags)]
+        [
+            name,
+            reduction.get(name, "—"),
+            num(row.raw),
+            num(row.weight),
+            num(row.weighted),
+            pct(row.share),
+            flags_text(row.flags),
+        ]
         for name, row in epoch.components.items()
     ]
     rows.append(["total", "", "", "", num(epoch.total), "100.0%", flags_text(epoch.total_flags)])
@@ -605,8 +633,15 @@ def component_section(title: str, epoch: EpochRow, reduction: Mapping[str, str])
     if epoch.non_finite:
         caption += f"; non-finite: {'; '.join(epoch.non_finite)}"
     return grid(
-        ["component", Col("reduction", "left"), "raw", "weight", "weighted", "share",
-         Col("flags", "left", wrap=True)],
+        [
+            "component",
+            Col("reduction", "left"),
+            "raw",
+            "weight",
+            "weighted",
+            "share",
+            Col("flags", "left", wrap=True),
+        ],
         rows,
         title=title,
         caption=caption,
@@ -639,8 +674,9 @@ def loss_run_sections(run: LossRun) -> list[RenderableType]:
             )
         )
     ]
-    parts += [component_section(f"{run.name} · epoch {e.epoch}", e, run.reduction)
-              for e in run.epochs]
+    parts += [
+        component_section(f"{run.name} · epoch {e.epoch}", e, run.reduction) for e in run.epochs
+    ]
     parts += diagnosis_sections(run.diagnosis, run.name)
     return parts
 
@@ -648,12 +684,27 @@ def loss_run_sections(run: LossRun) -> list[RenderableType]:
 def summary_section(summary: Sequence[SummaryRow]) -> Grid:
     components = list(dict.fromkeys(n for s in summary for n in s.final_raw))
     return grid(
-        ["configuration", "weights r/kl/s", "first total", "final total", *components,
-         "grad norm", Col("flags", "left", wrap=True), Col("findings", "left", wrap=True)],
         [
-            [s.name, weights_text(s.weights), num(s.first_total), num(s.final_total),
-             *(num(s.final_raw.get(c)) for c in components), num(s.final_grad_norm),
-             flags_text(s.flagged), codes_text(s.findings) or "—"]
+            "configuration",
+            "weights r/kl/s",
+            "first total",
+            "final total",
+            *components,
+            "grad norm",
+            Col("flags", "left", wrap=True),
+            Col("findings", "left", wrap=True),
+        ],
+        [
+            [
+                s.name,
+                weights_text(s.weights),
+                num(s.first_total),
+                num(s.final_total),
+                *(num(s.final_raw.get(c)) for c in components),
+                num(s.final_grad_norm),
+                flags_text(s.flagged),
+                codes_text(s.findings) or "—",
+            ]
             for s in summary
         ],
         title="Summary (final epoch, raw components)",
@@ -682,13 +733,29 @@ def anneal_epochs_section(report: AnnealReport) -> Grid:
     w = report.weights
     reductions = ", ".join(f"{k} {v}" for k, v in report.reductions.items())
     return grid(
-        ["epoch", "β", "recon", "KL", "β·KL", "semantic", "total", "grad norm",
-         Col("flags", "left", wrap=True)],
         [
-            [str(e.epoch), num(e.beta), raw(e, "reconstruction"), raw(e, "kl"),
-             num(e.components["kl"].weighted) if "kl" in e.components else "—",
-             raw_or_off(e, "semantic"), num(e.total), num(e.grad_norm),
-             flags_text(e.flagged())]
+            "epoch",
+            "β",
+            "recon",
+            "KL",
+            "β·KL",
+            "semantic",
+            "total",
+            "grad norm",
+            Col("flags", "left", wrap=True),
+        ],
+        [
+            [
+                str(e.epoch),
+                num(e.beta),
+                raw(e, "reconstruction"),
+                raw(e, "kl"),
+                num(e.components["kl"].weighted) if "kl" in e.components else "—",
+                raw_or_off(e, "semantic"),
+                num(e.total),
+                num(e.grad_norm),
+                flags_text(e.flagged()),
+            ]
             for e in report.epochs
         ],
         title=(
@@ -740,8 +807,16 @@ def steps_section(steps: Sequence[StepRow], clip: float | None) -> Grid:
         half = STEPS_SHOWN // 2 - 1
         hidden = len(steps) - 2 * half
         shown = [*steps[:half], None, *steps[-half:]]
-    columns: list[Col | str] = ["step", "epoch", "loss", "total norm", "clip_grad_norm_",
-                                "first/last", "missing", "non-finite"]
+    columns: list[Col | str] = [
+        "step",
+        "epoch",
+        "loss",
+        "total norm",
+        "clip_grad_norm_",
+        "first/last",
+        "missing",
+        "non-finite",
+    ]
     if clip is not None:
         columns.append(Col("clipped", "left"))
     rows: list[list[Cell]] = []
@@ -750,9 +825,13 @@ def steps_section(steps: Sequence[StepRow], clip: float | None) -> Grid:
             rows.append(["⋮", *([""] * (len(columns) - 1))])
             continue
         row: list[Cell] = [
-            str(s.step), str(s.epoch), num(s.loss),
+            str(s.step),
+            str(s.epoch),
+            num(s.loss),
             "skipped" if s.total_norm is None else num(s.total_norm),
-            num(s.clip_grad_norm), num(s.first_last_ratio), str(len(s.missing)),
+            num(s.clip_grad_norm),
+            num(s.first_last_ratio),
+            str(len(s.missing)),
             str(s.non_finite),
         ]
         if clip is not None:
@@ -769,15 +848,33 @@ def parameters_section(report: CheckGradsReport) -> Grid:
 
     def row(p: ParamRow) -> list[Cell]:
         return [
-            p.name, "×".join(str(d) for d in p.shape) or "scalar", num(p.norm, 3),
-            num(p.mean, 3), num(p.std, 3), num(p.min, 3), num(p.max, 3),
-            pct(p.zero_fraction), num(p.non_finite), num(p.update_ratio, 3),
+            p.name,
+            "×".join(str(d) for d in p.shape) or "scalar",
+            num(p.norm, 3),
+            num(p.mean, 3),
+            num(p.std, 3),
+            num(p.min, 3),
+            num(p.max, 3),
+            pct(p.zero_fraction),
+            num(p.non_finite),
+            num(p.update_ratio, 3),
             flags_text(p.flags),
         ]
 
     return grid(
-        ["parameter", "shape", "norm", "mean", "std", "min", "max", "zeros", "NaN", "Δw/w",
-         Col("flags", "left", wrap=True)],
+        [
+            "parameter",
+            "shape",
+            "norm",
+            "mean",
+            "std",
+            "min",
+            "max",
+            "zeros",
+            "NaN",
+            "Δw/w",
+            Col("flags", "left", wrap=True),
+        ],
         [row(p) for p in report.parameters],
         title=f"Parameters at step {report.last_step}",
         caption=(
@@ -842,11 +939,31 @@ def dx_parameters_section(params: Sequence[ParameterStats]) -> Grid:
         f"{flagged} parameter(s) flagged" if flagged else "no parameter flagged"
     ) + " (zero biases and batch-norm ones are how layers start, not faults)"
     return grid(
-        ["parameter", Col("role", "left"), "shape", "mean", "std", "min", "max", "NaN", "Inf",
-         Col("flags", "left", wrap=True)],
         [
-            [p.name, p.role, "×".join(str(s) for s in p.shape) or "scalar", num(p.mean),
-             num(p.std), num(p.min), num(p.max), num(p.nan), num(p.inf), flags_text(p.flags)]
+            "parameter",
+            Col("role", "left"),
+            "shape",
+            "mean",
+            "std",
+            "min",
+            "max",
+            "NaN",
+            "Inf",
+            Col("flags", "left", wrap=True),
+        ],
+        [
+            [
+                p.name,
+                p.role,
+                "×".join(str(s) for s in p.shape) or "scalar",
+                num(p.mean),
+                num(p.std),
+                num(p.min),
+                num(p.max),
+                num(p.nan),
+                num(p.inf),
+                flags_text(p.flags),
+            ]
             for p in params
         ],
         title="parameters of the untrained model",
@@ -858,20 +975,24 @@ def dx_untrained_section(probe: ModeProbe, weights: Mapping[str, float]) -> Grid
     rows: list[list[Cell]] = []
     for role, tr in probe.train.tensors.items():
         ev = probe.eval.tensors.get(role)
-        rows.append([
-            f"{role} mean ± std",
-            f"{num(tr.mean)} ± {num(tr.std)}",
-            f"{num(ev.mean)} ± {num(ev.std)}" if ev is not None else "—",
-            f"max |Δ| {num(probe.max_abs_difference.get(role))}",
-        ])
+        rows.append(
+            [
+                f"{role} mean ± std",
+                f"{num(tr.mean)} ± {num(tr.std)}",
+                f"{num(ev.mean)} ± {num(ev.std)}" if ev is not None else "—",
+                f"max |Δ| {num(probe.max_abs_difference.get(role))}",
+            ]
+        )
     for name, value in probe.train.loss.items():
         off = weights.get(name) == 0.0
-        rows.append([
-            f"loss: {name}" + (" (off)" if off else ""),
-            num(value),
-            num(probe.eval.loss.get(name)),
-            num(probe.loss_difference.get(name)),
-        ])
+        rows.append(
+            [
+                f"loss: {name}" + (" (off)" if off else ""),
+                num(value),
+                num(probe.eval.loss.get(name)),
+                num(probe.loss_difference.get(name)),
+            ]
+        )
     return grid(
         ["quantity", "train mode", "eval mode", "train − eval"],
         rows,
@@ -886,8 +1007,14 @@ def dx_training_section(records: Sequence[EpochRow], reduction: Mapping[str, str
     return grid(
         ["epoch", "β", *components, "total", "grad norm", Col("flags", "left", wrap=True)],
         [
-            [str(e.epoch), num(e.beta), *(raw_or_off(e, c) for c in components), num(e.total),
-             num(e.grad_norm), flags_text(e.flagged())]
+            [
+                str(e.epoch),
+                num(e.beta),
+                *(raw_or_off(e, c) for c in components),
+                num(e.total),
+                num(e.grad_norm),
+                flags_text(e.flagged()),
+            ]
             for e in records
         ],
         title="training (raw components, means over each epoch's steps)",
@@ -913,8 +1040,10 @@ def dx_gradients_section(g: GradientSummary) -> Grid:
 
     return grid(
         ["parameter", "mean ‖g‖", "max ‖g‖", "final ‖g‖", Col("note", "left")],
-        [[p.name, num(p.mean_norm), num(p.max_norm), num(p.final_norm), note(p)]
-         for p in g.parameters],
+        [
+            [p.name, num(p.mean_norm), num(p.max_norm), num(p.final_norm), note(p)]
+            for p in g.parameters
+        ],
         title="gradient norms during training (hooks)",
         caption=caption,
     )
@@ -928,8 +1057,10 @@ def dx_kl_terms_section(kl: KLTermStats) -> Grid:
     )
     return grid(
         ["term", Col("formula", "left"), "mean", "std", "min", "max"],
-        [[name, KL_FORMULAS.get(name, ""), num(s.mean), num(s.std), num(s.min), num(s.max)]
-         for name, s in kl.terms.items()],
+        [
+            [name, KL_FORMULAS.get(name, ""), num(s.mean), num(s.std), num(s.min), num(s.max)]
+            for name, s in kl.terms.items()
+        ],
         title="KL term by term, over samples × latents",
         caption=caption,
     )
@@ -958,8 +1089,16 @@ def dx_latent_section(latent: LatentHealth, verdict: Verdict) -> Grid:
     caption.append_text(collapse_text(verdict))
     return grid(
         ["dim", "KL (nats)", "Var μ", Col("active", "left"), Col("collapse", "left")],
-        [[str(j), num(kl), num(latent.activity[j]), num(latent.active[j]),
-          dim_status(latent, verdict, j)] for j, kl in enumerate(latent.kl_per_dim)],
+        [
+            [
+                str(j),
+                num(kl),
+                num(latent.activity[j]),
+                num(latent.active[j]),
+                dim_status(latent, verdict, j),
+            ]
+            for j, kl in enumerate(latent.kl_per_dim)
+        ],
         title="KL per latent dimension",
         caption=caption,
     )
@@ -987,9 +1126,17 @@ def dx_recon_section(per_feature: Mapping[str, float]) -> Grid:
 def dx_annealing_section(run: AnnealingRun, semantic_on: bool) -> Grid:
     return grid(
         ["epoch", "β", "reconstruction", "kl", "semantic", "total"],
-        [[str(e.epoch), num(e.beta), num(e.reconstruction), num(e.kl),
-          num(e.semantic) if semantic_on else Text("off", style="dim"), num(e.total)]
-         for e in run.epochs],
+        [
+            [
+                str(e.epoch),
+                num(e.beta),
+                num(e.reconstruction),
+                num(e.kl),
+                num(e.semantic) if semantic_on else Text("off", style="dim"),
+                num(e.total),
+            ]
+            for e in run.epochs
+        ],
         title=(
             f"{run.schedule} β annealing {run.min_beta:g} → {run.max_beta:g}, fresh model "
             "(raw components)"
@@ -1019,7 +1166,7 @@ def kind_sections(kind: KindSection) -> list[RenderableType]:
             else []
         ),
         dx_kl_terms_section(kind.kl_terms),
-        dx_latent_section(kind.diagnosis.latent, kind.diagnosis.collapse),
+        dx_latent_section(kind.latent, kind.diagnosis.collapse),
         dx_recon_section(kind.recon_per_feature),
         dx_annealing_section(kind.annealing, kind.weights.get("semantic", 0.0) != 0.0),
         plain(kind.measured_on, "dim"),

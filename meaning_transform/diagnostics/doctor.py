@@ -20,7 +20,6 @@ given data, it measures latent health and dead ReLU units.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from meaning_transform.constants import COMPONENTS
 from meaning_transform.diagnostics.attribution import (
     Attribution,
     AttributionSummary,
@@ -35,7 +35,6 @@ from meaning_transform.diagnostics.attribution import (
     summarise_attributions,
     term_attribution,
 )
-from meaning_transform.constants import COMPONENTS
 from meaning_transform.diagnostics.findings import Finding
 from meaning_transform.diagnostics.gradients import GradientHooks, dead_units
 from meaning_transform.diagnostics.latent import encode_means, latent_health
@@ -162,9 +161,7 @@ class Doctor:
     # ---- at the end ----
     def noise_changed(self) -> bool | None:
         """False when consecutive steps drew identical noise (frozen); None if unknown."""
-        pairs = [
-            (a, b) for a, b in zip(self._noise, self._noise[1:]) if a.shape == b.shape
-        ]
+        pairs = [(a, b) for a, b in zip(self._noise, self._noise[1:]) if a.shape == b.shape]
         if not pairs:
             return None
         # eps is recovered from z, mu and sigma, so equal noise matches to rounding only

@@ -75,7 +75,7 @@ def _subject(where: str, run: str) -> str:
     if where == run:
         return ""
     prefix = f"{run}:"
-    return where[len(prefix):] if where.startswith(prefix) else where
+    return where[len(prefix) :] if where.startswith(prefix) else where
 
 
 def merge_findings(per_run: Sequence[tuple[str, Sequence[Finding]]]) -> tuple[Finding, ...]:
@@ -98,7 +98,9 @@ def merge_findings(per_run: Sequence[tuple[str, Sequence[Finding]]]) -> tuple[Fi
     return tuple(sort_findings(merged))
 
 
-def merge_not_checked(per_run: Sequence[tuple[str, Sequence[NotChecked]]]) -> tuple[NotChecked, ...]:
+def merge_not_checked(
+    per_run: Sequence[tuple[str, Sequence[NotChecked]]],
+) -> tuple[NotChecked, ...]:
     """One entry per (code, reason) across runs, naming the runs; sorted by code."""
     groups: dict[tuple[str, str], list[str]] = {}
     for run, items in per_run:

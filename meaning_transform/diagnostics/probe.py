@@ -84,8 +84,8 @@ def mode_probe(model: nn.Module, loss_fn: nn.Module, x: Tensor) -> ModeProbe:
         train_pass = _pass_summary(train_out, loss_fn(train_out, x))
     shown = [k for k in OUTPUT_ROLES if k in train_out and k in eval_out]
     max_abs = _max_abs_differences({k: (train_out[k], eval_out[k]) for k in shown})
-    samples_noise = "z" in train_out and "mu" in train_out and bool(
-        (train_out["z"] != train_out["mu"]).any()
+    samples_noise = (
+        "z" in train_out and "mu" in train_out and bool((train_out["z"] != train_out["mu"]).any())
     )
     return ModeProbe(
         n_samples=int(x.shape[0]),

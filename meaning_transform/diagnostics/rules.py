@@ -92,9 +92,7 @@ def nonfinite_loss(ev: RunEvidence) -> list[Finding]:
     if not bad:
         return []
     first = bad[0]
-    terms = sorted(
-        name for r in bad for name, v in r.raw.items() if not math.isfinite(v)
-    )
+    terms = sorted(name for r in bad for name, v in r.raw.items() if not math.isfinite(v))
     detail = first.non_finite[0] if first.non_finite else "the total loss is not finite"
     return [
         Finding(
@@ -137,7 +135,8 @@ def zero_loss(ev: RunEvidence) -> list[Finding]:
                 severity="warning",
                 title=f"{name} loss is zero-valued (floor engaged)",
                 message=(
-                    f"{name} was at or below {ZERO_VALUE:g} in {len(hits)} of {len(ev.records)} epochs "
+                    f"{name} was at or below {ZERO_VALUE:g} in {len(hits)} of "
+                    f"{len(ev.records)} epochs "
                     f"(first epoch {hits[0].epoch}, value {_fmt(hits[0].raw[name])}); "
                     "a floored term contributes no gradient"
                 ),
@@ -155,8 +154,6 @@ def zero_loss(ev: RunEvidence) -> list[Finding]:
             )
         )
     return found
-
-
 
 
 def _steps_with(ev: RunEvidence, pred: Callable[[Any], bool]) -> list[Any]:

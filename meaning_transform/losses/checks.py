@@ -14,13 +14,17 @@ from typing import Literal
 
 import torch
 
-OnNonFinite = Literal["raise", "record"]
-Reduction = Literal["mean", "sum"]
-# Typed as tuples of the literals so that ``x in REDUCTIONS`` narrows a str for mypy.
-REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum")
-ON_NON_FINITE: tuple[OnNonFinite, ...] = ("raise", "record")
+# Re-exported here, where the losses have always found them; defined once in constants.
+from meaning_transform.constants import (  # noqa: F401
+    COMPONENT_FLOOR,
+    REDUCTIONS,
+    TOTAL_FLOOR,
+    Reduction,
+)
 
-from meaning_transform.constants import COMPONENT_FLOOR, TOTAL_FLOOR  # noqa: E402
+OnNonFinite = Literal["raise", "record"]
+# Typed as a tuple of the literals so that ``x in ON_NON_FINITE`` narrows a str for mypy.
+ON_NON_FINITE: tuple[OnNonFinite, ...] = ("raise", "record")
 
 
 class LossInputError(ValueError):
@@ -121,17 +125,13 @@ def check_same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor)
 def check_2d(name: str, tensor: torch.Tensor) -> None:
     """Raise :class:`ShapeMismatchError` unless ``tensor`` is (B, features)."""
     if tensor.dim() != 2:
-        raise ShapeMismatchError(
-            f"expected {name} of shape (B, D), got {tuple(tensor.shape)}"
-        )
+        raise ShapeMismatchError(f"expected {name} of shape (B, D), got {tuple(tensor.shape)}")
 
 
 def check_on_non_finite(on_non_finite: str) -> OnNonFinite:
     """Validate an ``on_non_finite`` argument up front, not at the first NaN."""
     if on_non_finite not in ON_NON_FINITE:
-        raise ValueError(
-            f"on_non_finite must be one of {ON_NON_FINITE}, got {on_non_finite!r}"
-        )
+        raise ValueError(f"on_non_finite must be one of {ON_NON_FINITE}, got {on_non_finite!r}")
     return on_non_finite
 
 
@@ -141,9 +141,7 @@ def check_reduction(reduction: str) -> Reduction:
     return reduction
 
 
-def apply_floor(
-    value: torch.Tensor, floor: float, name: str, log: CheckLog | None
-) -> torch.Tensor:
+def apply_floor(value: torch.Tensor, floor: float, name: str, log: CheckLog | None) -> torch.Tensor:
     """Clamp a scalar loss at ``floor`` and count the engagement in ``log``.
 
     A floored value carries no gradient (clamp's gradient is zero below the

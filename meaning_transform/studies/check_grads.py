@@ -175,8 +175,9 @@ def _never_received(history: list[GradientSnapshot]) -> tuple[str, ...]:
 
 def _step_row(row: dict[str, Any], snap: GradientSnapshot | None, clip: float | None) -> StepRow:
     if snap is None:  # loss not finite: train() made no backward pass and no update
-        return StepRow(**row, total_norm=None, clipped=False, first_last_ratio=None,
-                       missing=(), non_finite=0)
+        return StepRow(
+            **row, total_norm=None, clipped=False, first_last_ratio=None, missing=(), non_finite=0
+        )
     return StepRow(
         **row,
         total_norm=snap.total_norm,

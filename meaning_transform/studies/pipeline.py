@@ -76,8 +76,9 @@ class Pipeline:
             return self.model_factory(data.n_features, self.config.seed)
         return default_model(data.n_features, self.config.seed, data.tensor, self.scenario)
 
-    def loss(self, recon: float, kl: float, semantic: float, dataset: Dataset | None = None
-             ) -> nn.Module:
+    def loss(
+        self, recon: float, kl: float, semantic: float, dataset: Dataset | None = None
+    ) -> nn.Module:
         return build_loss(
             recon, kl, semantic, dataset or self.dataset, self.reduction, self.scenario
         )
@@ -87,8 +88,13 @@ class Pipeline:
         on_epoch = self.on_epoch
         return (lambda _record: on_epoch()) if on_epoch is not None else None
 
-    def train(self, model: nn.Module, loss_fn: nn.Module, config: TrainConfig | None = None,
-              dataset: Dataset | None = None) -> TrainResult:
+    def train(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        config: TrainConfig | None = None,
+        dataset: Dataset | None = None,
+    ) -> TrainResult:
         """A plain training run (no Doctor), e.g. debug-extended's annealing run."""
         data = (dataset or self.dataset).tensor
         return train(model, loss_fn, data, config or self.config, on_epoch=self.tick())
@@ -123,8 +129,9 @@ class Pipeline:
         with doctor:
             if on_attach is not None:
                 on_attach(doctor)
-            result = train(model, loss_fn, data, config, callbacks=(doctor, *callbacks),
-                           on_epoch=self.tick())
+            result = train(
+                model, loss_fn, data, config, callbacks=(doctor, *callbacks), on_epoch=self.tick()
+            )
         evidence = doctor.evidence(result.records, data=data, batch_size=result.batch_size)
         return self.evaluate(where, result, evidence, not_applicable, because, unless_found)
 

@@ -130,8 +130,12 @@ class EpochRow:
         """``component:flag`` for every flag but ``off``, then the total's."""
         return tuple(
             sorted(
-                {f"{n}:{fl}" for n, row in self.components.items() for fl in row.flags
-                 if fl != "off"}
+                {
+                    f"{n}:{fl}"
+                    for n, row in self.components.items()
+                    for fl in row.flags
+                    if fl != "off"
+                }
                 | {f"total:{fl}" for fl in self.total_flags}
             )
         )
@@ -320,6 +324,14 @@ class KindSection:
     annealing: AnnealingRun
     records: tuple[EpochRow, ...]  # the main run
     diagnosis: Diagnosis  # of the main run
+
+    @property
+    def latent(self) -> LatentHealth:
+        """The eval-mode latent health over all samples that the rules judged."""
+        latent = self.diagnosis.latent
+        if latent is None:  # run_debug_extended always measures it
+            raise ValueError(f"{self.kind}: no latent health in the diagnosis")
+        return latent
 
 
 @dataclass(frozen=True, kw_only=True)

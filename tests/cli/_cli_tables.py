@@ -55,7 +55,7 @@ def table_rows(
         places.append((at, at + len(h)))
         at += len(h)
     body = []
-    for line in lines[rule + 1:]:
+    for line in lines[rule + 1 :]:
         if not line.strip():
             break
         body.append(line)

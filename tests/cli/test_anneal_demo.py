@@ -11,26 +11,50 @@ from meaning_transform.studies.anneal import WHILE_BETA_CHANGES
 
 FAST = ("--batch-size", "0", "--json")  # full batch: one step per epoch
 # anneal-demo's epochs are the same rows as debug-loss's (no flat reconstruction/kl keys)
-EPOCH_ROW = ["epoch", "beta", "components", "total", "total_flags", "grad_norm",
-             "grad_norm_max", "steps", "skipped_steps", "non_finite"]
+EPOCH_ROW = [
+    "epoch",
+    "beta",
+    "components",
+    "total",
+    "total_flags",
+    "grad_norm",
+    "grad_norm_max",
+    "steps",
+    "skipped_steps",
+    "non_finite",
+]
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_betas_follow_the_schedule_and_weight_the_kl_term(mtx, schedule):
     n = 6
     run = mtx(
-        "anneal-demo", *FAST, "--schedule", schedule, "--epochs", str(n),
-        "--min-beta", "0.1", "--max-beta", "0.8", "--cycles", "2", "--ratio", "0.5",
+        "anneal-demo",
+        *FAST,
+        "--schedule",
+        schedule,
+        "--epochs",
+        str(n),
+        "--min-beta",
+        "0.1",
+        "--max-beta",
+        "0.8",
+        "--cycles",
+        "2",
+        "--ratio",
+        "0.5",
     )
     assert run.exit_code == 0, run.stderr
     out = run.json
     assert out["command"] == "anneal-demo"
     assert out["schedule"] == {
-        "type": schedule, "min_beta": 0.1, "max_beta": 0.8, "cycles": 2, "ratio": 0.5
+        "type": schedule,
+        "min_beta": 0.1,
+        "max_beta": 0.8,
+        "cycles": 2,
+        "ratio": 0.5,
     }
-    expected = [
-        beta_annealing(e, n, 0.1, 0.8, schedule, cycles=2, ratio=0.5) for e in range(n)
-    ]
+    expected = [beta_annealing(e, n, 0.1, 0.8, schedule, cycles=2, ratio=0.5) for e in range(n)]
     assert [e["epoch"] for e in out["epochs"]] == list(range(n))
     assert [e["beta"] for e in out["epochs"]] == expected
     assert out["beta_curve"] == expected
@@ -53,8 +77,16 @@ def test_betas_follow_the_schedule_and_weight_the_kl_term(mtx, schedule):
 
 def test_cyclical_matches_fu_et_al(mtx):
     run = mtx(
-        "anneal-demo", *FAST, "--schedule", "cyclical", "--epochs", "16",
-        "--cycles", "4", "--ratio", "0.5",
+        "anneal-demo",
+        *FAST,
+        "--schedule",
+        "cyclical",
+        "--epochs",
+        "16",
+        "--cycles",
+        "4",
+        "--ratio",
+        "0.5",
     )
     assert run.exit_code == 0, run.stderr
     assert run.json["beta_curve"] == [0.0, 0.5, 1.0, 1.0] * 4
@@ -70,7 +102,11 @@ def test_defaults_and_byte_identical_json_for_the_same_seed(mtx):
     assert a.stdout != c.stdout
     out = a.json
     assert out["schedule"] == {
-        "type": "sigmoid", "min_beta": 0.0, "max_beta": 1.0, "cycles": 4, "ratio": 0.5
+        "type": "sigmoid",
+        "min_beta": 0.0,
+        "max_beta": 1.0,
+        "cycles": 4,
+        "ratio": 0.5,
     }
     assert out["reduction"] == "mean"
     assert out["reductions"] == {"reconstruction": "mean", "kl": "mean", "semantic": "mean"}
@@ -87,8 +123,9 @@ def test_defaults_and_byte_identical_json_for_the_same_seed(mtx):
 
 def test_constant_beta_keeps_every_rule(mtx):
     # 5 epochs of 4 steps: enough for every rule to run (none lacks epochs or steps)
-    out = mtx("anneal-demo", "--json", "--epochs", "5", "--min-beta", "0.3",
-              "--max-beta", "0.3").json
+    out = mtx(
+        "anneal-demo", "--json", "--epochs", "5", "--min-beta", "0.3", "--max-beta", "0.3"
+    ).json
     assert out["beta_curve"] == [0.3] * 5
     assert out["not_checked"] == []
 
@@ -125,10 +162,7 @@ def test_schedule_names_match_the_library():
 
 
 def test_cli_import_does_not_import_torch():
-    code = (
-        "import sys, meaning_transform.cli; "
-        "sys.exit('torch' in sys.modules)"
-    )
+    code = "import sys, meaning_transform.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -154,9 +188,7 @@ def test_bad_options_exit_2_with_one_line(mtx, assert_bad_input, args, words):
 def test_existing_plot_needs_force(mtx, assert_bad_input, tmp_path):
     existing = tmp_path / "exists.png"
     existing.write_bytes(b"keep")
-    assert_bad_input(
-        mtx("anneal-demo", "--epochs", "2", "--plot", str(existing)), "already exists"
-    )
+    assert_bad_input(mtx("anneal-demo", "--epochs", "2", "--plot", str(existing)), "already exists")
     assert existing.read_bytes() == b"keep"
     run = mtx("anneal-demo", *FAST, "--epochs", "2", "--plot", str(existing), "--force")
     assert run.exit_code == 0, run.stderr

@@ -40,8 +40,11 @@ def _study(dataset: Dataset, config: TrainConfig, factory: ModelFactory) -> Chec
     """The study in-process, as the CLI runs it (default weights 1/0.1/0.5)."""
     pipeline = Pipeline(dataset=dataset, train_config=config, model_factory=factory)
     options = CheckGradsConfig(
-        epochs=config.epochs, batch_size=config.batch_size or 0, device=config.device,
-        seed=config.seed, clip=config.clip_grad_norm,
+        epochs=config.epochs,
+        batch_size=config.batch_size or 0,
+        device=config.device,
+        seed=config.seed,
+        clip=config.clip_grad_norm,
     )
     return run_check_grads(pipeline, options, recon=1.0, kl=0.1, semantic=0.5)
 
@@ -50,8 +53,7 @@ def _study(dataset: Dataset, config: TrainConfig, factory: ModelFactory) -> Chec
 
 
 def test_each_step_total_norm_is_clip_grad_norms_value_before_clipping(mtx):
-    out = mtx("check-grads", "--epochs", "2", "--batch-size", "256", "--clip", "0.5",
-              "--json").json
+    out = mtx("check-grads", "--epochs", "2", "--batch-size", "256", "--clip", "0.5", "--json").json
     assert out["command"] == "check-grads"
     steps = out["steps"]
     assert [s["step"] for s in steps] == [0, 1, 2, 3]  # 512 samples / 256, two epochs
@@ -136,8 +138,7 @@ def test_healthy_run_covers_every_parameter_and_flags_nothing_wrong(mtx):
     assert out["weights"] == {"reconstruction": 1.0, "kl": 0.1, "semantic": 0.5}
     assert out["batch_size"] == 512 and out["reduction"] == "mean"
     assert out["device"] == "cpu" and out["config"]["device"] == "auto"  # used vs asked
-    assert out["thresholds"] == {"tiny_abs_mean": VANISHING_ABS_MEAN,
-                                 "large_update": LARGE_UPDATE}
+    assert out["thresholds"] == {"tiny_abs_mean": VANISHING_ABS_MEAN, "large_update": LARGE_UPDATE}
 
 
 def test_unused_parameter_is_never_received_and_flagged():
@@ -152,8 +153,18 @@ def test_unused_parameter_is_never_received_and_flagged():
 
 
 def test_weights_and_clip_options_reach_the_loss(mtx):
-    out = mtx("check-grads", *ONE_STEP, "--kl-weight", "0.3", "--recon-weight", "2",
-              "--semantic-weight", "0", "--reduction", "sum").json
+    out = mtx(
+        "check-grads",
+        *ONE_STEP,
+        "--kl-weight",
+        "0.3",
+        "--recon-weight",
+        "2",
+        "--semantic-weight",
+        "0",
+        "--reduction",
+        "sum",
+    ).json
     assert out["weights"] == {"reconstruction": 2.0, "kl": 0.3, "semantic": 0.0}
     assert out["reduction"] == "sum"
     assert out["config"]["reduction"] == "sum" and out["config"]["kl_weight"] == 0.3
@@ -165,8 +176,19 @@ def test_weights_and_clip_options_reach_the_loss(mtx):
 
 def _stats(**kw: object) -> ParamGradStats:
     base = dict(
-        name="w", shape=(4, 4), numel=16, has_grad=True, norm=1.0, mean=0.0, abs_mean=0.1,
-        std=0.2, min=-0.5, max=0.5, zero_fraction=0.0, non_finite=0, weight_norm=2.0,
+        name="w",
+        shape=(4, 4),
+        numel=16,
+        has_grad=True,
+        norm=1.0,
+        mean=0.0,
+        abs_mean=0.1,
+        std=0.2,
+        min=-0.5,
+        max=0.5,
+        zero_fraction=0.0,
+        non_finite=0,
+        weight_norm=2.0,
         update_ratio=1e-3,
     )
     base.update(kw)
@@ -280,8 +302,7 @@ def test_help_does_not_need_torch_to_be_fast():
     import sys
 
     code = (
-        "import sys; from meaning_transform.cli import check_grads; "
-        "print('torch' in sys.modules)"
+        "import sys; from meaning_transform.cli import check_grads; print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

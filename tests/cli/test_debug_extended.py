@@ -12,12 +12,32 @@ from meaning_transform.cli import app
 from meaning_transform.model import MeaningVAE
 
 AGENT_NAMES = [
-    "x", "y", "health", "has_target", "energy", "role_0", "role_1", "role_2", "role_3", "role_4"
+    "x",
+    "y",
+    "health",
+    "has_target",
+    "energy",
+    "role_0",
+    "role_1",
+    "role_2",
+    "role_3",
+    "role_4",
 ]
 SECTIONS = {
-    "data", "weights", "reduction", "batch_size", "output_activation", "parameters",
-    "untrained_pass", "measured_on", "kl_terms", "recon_per_feature",
-    "gradients", "annealing", "records", "diagnosis",
+    "data",
+    "weights",
+    "reduction",
+    "batch_size",
+    "output_activation",
+    "parameters",
+    "untrained_pass",
+    "measured_on",
+    "kl_terms",
+    "recon_per_feature",
+    "gradients",
+    "annealing",
+    "records",
+    "diagnosis",
 }
 
 
@@ -48,11 +68,13 @@ def _params(kind: dict) -> dict[str, dict]:
 def test_all_kinds_appear_with_every_section(all_kinds):
     assert all_kinds["command"] == "debug-extended"
     assert all_kinds["data"]["kind"] == "all"
-    assert all_kinds["data"]["source"] == (
-        "synthetic:agent_states,normal,uniform,binary,one_hot"
-    )
+    assert all_kinds["data"]["source"] == ("synthetic:agent_states,normal,uniform,binary,one_hot")
     assert [k["kind"] for k in all_kinds["kinds"]] == [
-        "agent_states", "normal", "uniform", "binary", "one_hot"
+        "agent_states",
+        "normal",
+        "uniform",
+        "binary",
+        "one_hot",
     ]
     for kind in all_kinds["kinds"]:
         assert SECTIONS <= set(kind), kind["kind"]
@@ -65,8 +87,11 @@ def test_all_kinds_appear_with_every_section(all_kinds):
     kinds = {k["kind"] for k in all_kinds["kinds"]}
     for finding in all_kinds["findings"]:
         assert finding["runs"] and set(finding["runs"]) <= kinds
-        assert all(finding["code"] in by["diagnosis"]["findings"]
-                   for by in all_kinds["kinds"] if by["kind"] in finding["runs"])
+        assert all(
+            finding["code"] in by["diagnosis"]["findings"]
+            for by in all_kinds["kinds"]
+            if by["kind"] in finding["runs"]
+        )
     assert all_kinds["exit_code"] == int(
         any(f["severity"] == "error" for f in all_kinds["findings"])
     )
@@ -124,8 +149,10 @@ def test_gradient_hooks_capture_every_training_step(normal):
         assert 0 <= stats["mean_norm"] <= stats["max_norm"], name
     # Biases feeding batch norm get a ~0 gradient by design, and are marked as such.
     centred = [
-        "encoder.layers.0.linear.bias", "encoder.layers.1.linear.bias",
-        "decoder.layers.0.linear.bias", "decoder.layers.1.linear.bias",
+        "encoder.layers.0.linear.bias",
+        "encoder.layers.1.linear.bias",
+        "decoder.layers.0.linear.bias",
+        "decoder.layers.1.linear.bias",
     ]
     assert grads["batch_norm_centred"] == centred
     assert [n for n, p in by_name.items() if p["batch_norm_centred"]] == centred
@@ -197,8 +224,7 @@ def test_agent_state_file_gets_names_and_semantic_term(mtx, agent_file):
 
 
 def test_same_seed_gives_byte_identical_json(mtx):
-    args = ("debug-extended", "--json", "--data-kind", "binary", "--epochs", "1",
-            "--samples", "64")
+    args = ("debug-extended", "--json", "--data-kind", "binary", "--epochs", "1", "--samples", "64")
     a = mtx(*args, "--seed", "3")
     b = mtx(*args, "--seed", "3")
     c = mtx(*args, "--seed", "4")
@@ -209,8 +235,18 @@ def test_same_seed_gives_byte_identical_json(mtx):
 
 def test_plot_writes_png(mtx, tmp_path):
     path = tmp_path / "deep.png"
-    run = mtx("debug-extended", "--json", "--data-kind", "one_hot", "--epochs", "2",
-              "--samples", "64", "--plot", str(path))
+    run = mtx(
+        "debug-extended",
+        "--json",
+        "--data-kind",
+        "one_hot",
+        "--epochs",
+        "2",
+        "--samples",
+        "64",
+        "--plot",
+        str(path),
+    )
     assert run.exit_code == 0, run.stderr
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert run.json["config"]["plot"] == str(path)
@@ -224,8 +260,18 @@ def test_table_output_for_people(mtx):
 
 
 def test_scenario_without_batch_norm_changes_the_why_and_is_found(mtx):
-    out = mtx("debug-extended", "--json", "--data-kind", "normal", "--epochs", "2",
-              "--samples", "64", "--scenario", "dying-relu").json
+    out = mtx(
+        "debug-extended",
+        "--json",
+        "--data-kind",
+        "normal",
+        "--epochs",
+        "2",
+        "--samples",
+        "64",
+        "--scenario",
+        "dying-relu",
+    ).json
     assert out["scenario"] == "dying-relu"
     (kind,) = out["kinds"]
     assert "batch norm" not in kind["untrained_pass"]["why"]
@@ -264,12 +310,28 @@ def build(input_dim=10):
 def test_user_model_is_the_one_inspected(mtx, tmp_path):
     path = tmp_path / "tiny_vae.py"
     path.write_text(USER_VAE)
-    out = mtx("debug-extended", "--json", "--data-kind", "normal", "--epochs", "1",
-              "--samples", "64", "--model", f"{path}:build").json
+    out = mtx(
+        "debug-extended",
+        "--json",
+        "--data-kind",
+        "normal",
+        "--epochs",
+        "1",
+        "--samples",
+        "64",
+        "--model",
+        f"{path}:build",
+    ).json
     (kind,) = out["kinds"]
     assert [p["name"] for p in kind["parameters"]] == [
-        "enc.weight", "enc.bias", "mu.weight", "mu.bias", "log_var.weight", "log_var.bias",
-        "dec.weight", "dec.bias",
+        "enc.weight",
+        "enc.bias",
+        "mu.weight",
+        "mu.bias",
+        "log_var.weight",
+        "log_var.bias",
+        "dec.weight",
+        "dec.bias",
     ]
     assert kind["gradients"]["hooks_registered"] == 8
     latent = kind["diagnosis"]["latent"]
@@ -306,9 +368,19 @@ def _study(model_factory, epochs: int = 1, batch_size: int | None = None, n: int
     dataset = get_data(None, kind="normal", n=n, seed=0)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=0)
     options = DebugExtendedConfig(
-        seed=0, device="cpu", epochs=epochs, batch_size=batch_size or 0, lr=1e-3, data=None,
-        model="test", scenario="healthy", reduction="mean", fail_on="error", plot=None,
-        data_kind="normal", samples=n,
+        seed=0,
+        device="cpu",
+        epochs=epochs,
+        batch_size=batch_size or 0,
+        lr=1e-3,
+        data=None,
+        model="test",
+        scenario="healthy",
+        reduction="mean",
+        fail_on="error",
+        plot=None,
+        data_kind="normal",
+        samples=n,
     )
     return run_debug_extended(
         lambda d: Pipeline(d, config, model_factory=model_factory), [dataset], options
@@ -332,8 +404,10 @@ def test_study_flags_a_nan_weight_and_reports_the_nan_run():
     assert flagged == {"encoder.fc_mu.weight": ("non-finite",)}
     assert next(p for p in kind.parameters if p.name == "encoder.fc_mu.weight").nan == 1
     assert "nonfinite-loss" in kind.diagnosis.findings
-    assert any(f.code == "nonfinite-loss" and f.severity == "error" and f.runs == ("normal",)
-               for f in report.findings)
+    assert any(
+        f.code == "nonfinite-loss" and f.severity == "error" and f.runs == ("normal",)
+        for f in report.findings
+    )
     assert report.exit_code == 1
     # The NaN step made no backward pass, so the hooks saw nothing.
     assert kind.gradients.captured_steps == 0 < kind.gradients.training_steps
@@ -360,9 +434,21 @@ def test_report_json_follows_the_dataclass_field_order():
     assert data["config"]["data_kind"] == "normal"
     kind = data["kinds"][0]
     assert list(kind) == [
-        "kind", "data", "agent_layout", "weights", "reduction", "batch_size",
-        "output_activation", "parameters", "untrained_pass", "measured_on", "kl_terms",
-        "recon_per_feature", "gradients", "annealing", "records",
+        "kind",
+        "data",
+        "agent_layout",
+        "weights",
+        "reduction",
+        "batch_size",
+        "output_activation",
+        "parameters",
+        "untrained_pass",
+        "measured_on",
+        "kl_terms",
+        "recon_per_feature",
+        "gradients",
+        "annealing",
+        "records",
         "diagnosis",
     ]
     assert to_json(report) == to_json(_study(_CollapsedVAE))  # same seed, same bytes
@@ -389,7 +475,8 @@ def test_bad_options_exit_2_with_one_line(mtx, assert_bad_input, args, words):
 def test_data_file_excludes_data_kind_and_samples(mtx, assert_bad_input, agent_file):
     assert_bad_input(
         mtx("debug-extended", "--data", str(agent_file), "--data-kind", "normal"),
-        "--data-kind", "--data",
+        "--data-kind",
+        "--data",
     )
     assert_bad_input(
         mtx("debug-extended", "--data", str(agent_file), "--samples", "10"), "--samples"

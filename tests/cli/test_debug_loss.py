@@ -35,8 +35,13 @@ def test_presets_run_from_fresh_models_with_their_weights(mtx):
     for r, row in zip(out["runs"], out["summary"], strict=True):
         assert row["name"] == r["name"]
         assert not {"attribution", "latent", "findings"} & set(r)
-        assert list(r["diagnosis"]) == ["attribution", "latent", "collapse", "findings",
-                                        "not_checked"]
+        assert list(r["diagnosis"]) == [
+            "attribution",
+            "latent",
+            "collapse",
+            "findings",
+            "not_checked",
+        ]
         assert row["findings"] == r["diagnosis"]["findings"]
         assert all(isinstance(code, str) for code in row["findings"])
 
@@ -48,7 +53,9 @@ def test_single_configuration_from_weight_options(mtx):
     assert out["exit_code"] == 0
     # the options as given, next to the weights as used (unset ones are the presets')
     assert {k: out["config"][k] for k in ("recon_weight", "kl_weight", "semantic_weight")} == {
-        "recon_weight": None, "kl_weight": 0.3, "semantic_weight": 0.0
+        "recon_weight": None,
+        "kl_weight": 0.3,
+        "semantic_weight": 0.0,
     }
 
 
@@ -69,9 +76,7 @@ def test_same_seed_gives_byte_identical_json(mtx):
 
 def test_sum_reduction_is_shown(mtx):
     out = mtx("debug-loss", *FAST, "--kl-weight", "0.1", "--reduction", "sum").json
-    assert out["runs"][0]["reduction"] == {
-        "reconstruction": "sum", "kl": "sum", "semantic": "sum"
-    }
+    assert out["runs"][0]["reduction"] == {"reconstruction": "sum", "kl": "sum", "semantic": "sum"}
     assert out["reduction"] == out["config"]["reduction"] == "sum"
 
 
@@ -142,9 +147,7 @@ def test_bad_data_files(mtx, assert_bad_input, tmp_path):
 def test_plot_path_problems(mtx, assert_bad_input, tmp_path):
     existing = tmp_path / "exists.png"
     existing.write_bytes(b"keep")
-    assert_bad_input(
-        mtx("debug-loss", "--epochs", "1", "--plot", str(existing)), "already exists"
-    )
+    assert_bad_input(mtx("debug-loss", "--epochs", "1", "--plot", str(existing)), "already exists")
     assert existing.read_bytes() == b"keep"
     assert_bad_input(
         mtx("debug-loss", "--epochs", "1", "--plot", str(tmp_path / "no" / "x.png")),
@@ -161,7 +164,17 @@ def test_one_row_of_data_is_bad_input_and_odd_batches_train(mtx, assert_bad_inpu
     assert_bad_input(mtx("debug-loss", "--epochs", "1", "--data", str(one)), "at least 2 rows")
     odd = tmp_path / "odd.npy"
     np.save(odd, np.random.default_rng(0).random((129, 10)))
-    run = mtx("debug-loss", "--epochs", "1", "--kl-weight", "0.1", "--batch-size", "128",
-              "--data", str(odd), "--json")
+    run = mtx(
+        "debug-loss",
+        "--epochs",
+        "1",
+        "--kl-weight",
+        "0.1",
+        "--batch-size",
+        "128",
+        "--data",
+        str(odd),
+        "--json",
+    )
     assert run.exit_code == 0, run.stderr
     assert run.json["runs"][0]["final"]["steps"] == 1  # the single last sample joined batch 1

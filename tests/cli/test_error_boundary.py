@@ -27,7 +27,7 @@ from meaning_transform.cli.boundary import (
 
 FAST = ("--epochs", "1")
 
-MODELS = '''
+MODELS = """
 import sys
 import warnings
 
@@ -137,7 +137,7 @@ def build_warns_then_fails(input_dim=10):
 def build_touches(input_dim=10):
     open(__file__ + ".built", "w").close()
     return TinyVAE(input_dim)
-'''
+"""
 
 
 @pytest.fixture
@@ -210,34 +210,60 @@ def test_largest_seed_runs(mtx):
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--epochs", common.MAX_EPOCHS + 1), ("--epochs", 10**12),
-     ("--batch-size", common.MAX_BATCH_SIZE + 1)],
+    [
+        ("--epochs", common.MAX_EPOCHS + 1),
+        ("--epochs", 10**12),
+        ("--batch-size", common.MAX_BATCH_SIZE + 1),
+    ],
 )
 def test_counts_above_their_limit_are_refused(mtx, option, value, error_line):
     error_line(mtx("check-grads", option, str(value)), option, f"{value:,}")
 
 
 def _options(**changes):
-    base = dict(seed=0, device="cpu", epochs=1, batch_size=0, lr=1e-3, data=None, json=True,
-                plot=None, fail_on="error", force=False)
+    base = dict(
+        seed=0,
+        device="cpu",
+        epochs=1,
+        batch_size=0,
+        lr=1e-3,
+        data=None,
+        json=True,
+        plot=None,
+        fail_on="error",
+        force=False,
+    )
     return common.CommonOptions(**{**base, **changes})
 
 
 def test_common_limits_at_their_edges():
-    for fine in (dict(epochs=common.MAX_EPOCHS), dict(batch_size=common.MAX_BATCH_SIZE),
-                 dict(seed=0), dict(seed=common.MAX_SEED), dict(batch_size=0)):
+    for fine in (
+        dict(epochs=common.MAX_EPOCHS),
+        dict(batch_size=common.MAX_BATCH_SIZE),
+        dict(seed=0),
+        dict(seed=common.MAX_SEED),
+        dict(batch_size=0),
+    ):
         _options(**fine).validate()
-    for bad in (dict(epochs=common.MAX_EPOCHS + 1), dict(epochs=0),
-                dict(batch_size=common.MAX_BATCH_SIZE + 1), dict(batch_size=-1),
-                dict(seed=-1), dict(seed=common.MAX_SEED + 1)):
+    for bad in (
+        dict(epochs=common.MAX_EPOCHS + 1),
+        dict(epochs=0),
+        dict(batch_size=common.MAX_BATCH_SIZE + 1),
+        dict(batch_size=-1),
+        dict(seed=-1),
+        dict(seed=common.MAX_SEED + 1),
+    ):
         with pytest.raises(UsageProblem):
             _options(**bad).validate()
 
 
 @pytest.mark.parametrize(
     ("option", "minimum", "maximum"),
-    [("--samples", 2, common.MAX_SAMPLES), ("--every", 0, common.MAX_EVERY),
-     ("--cycles", 1, common.MAX_CYCLES)],
+    [
+        ("--samples", 2, common.MAX_SAMPLES),
+        ("--every", 0, common.MAX_EVERY),
+        ("--cycles", 1, common.MAX_CYCLES),
+    ],
 )
 def test_count_option_at_its_edges(option, minimum, maximum):
     assert common.count_option(option, minimum, minimum, maximum) == minimum
@@ -282,8 +308,16 @@ def test_check_batch_size_refuses_one_sample_batches_only_with_batch_norm():
 
 
 def test_user_model_with_batch_norm_and_batch_size_1(mtx, models, rows3, error_line):
-    run = mtx("check-grads", *FAST, "--batch-size", "1", "--data", str(rows3),
-              "--model", f"{models}:build_batch_norm")
+    run = mtx(
+        "check-grads",
+        *FAST,
+        "--batch-size",
+        "1",
+        "--data",
+        str(rows3),
+        "--model",
+        f"{models}:build_batch_norm",
+    )
     error_line(run, "batch norm", "--batch-size 2")
 
 
@@ -297,12 +331,11 @@ def test_built_in_model_with_batch_size_1(mtx, rows3, error_line):
 
 def test_names_too_long_for_the_file_system(mtx, tmp_path, error_line):
     long = "a" * 300
-    error_line(mtx("check-grads", *FAST, "--data", str(tmp_path / f"{long}.npy")),
-                   "too long")
-    error_line(mtx("check-grads", *FAST, "--plot", str(tmp_path / f"{long}.png")),
-                   "--plot", "too long")
-    error_line(mtx("check-grads", *FAST, "--model", f"{tmp_path / long}.py:build"),
-                   "--model")
+    error_line(mtx("check-grads", *FAST, "--data", str(tmp_path / f"{long}.npy")), "too long")
+    error_line(
+        mtx("check-grads", *FAST, "--plot", str(tmp_path / f"{long}.png")), "--plot", "too long"
+    )
+    error_line(mtx("check-grads", *FAST, "--model", f"{tmp_path / long}.py:build"), "--model")
 
 
 # ---- 6. --plot is checked before any work ----
@@ -346,8 +379,9 @@ def test_plot_problems_are_refused_before_training(
         (tmp_path / "missing" / "x.png", ("does not exist",)),
     ]
     for plot, words in cases:
-        error_line(mtx("check-grads", *FAST, "--model", spec, "--plot", str(plot)),
-                       "--plot", *words)
+        error_line(
+            mtx("check-grads", *FAST, "--model", spec, "--plot", str(plot)), "--plot", *words
+        )
     assert not Path(f"{models}.built").exists()  # refused before the model was even built
     assert existing.read_bytes() == b"keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -431,18 +465,19 @@ def test_a_failing_write_leaves_nothing(tmp_path):
 def test_sys_exit_at_import_is_one_line(mtx, tmp_path, error_line):
     path = tmp_path / "exits.py"
     path.write_text("import sys\nsys.exit(0)\n")
-    error_line(mtx("check-grads", *FAST, "--model", f"{path}:build"),
-                   "importing", "sys.exit(0)")
+    error_line(mtx("check-grads", *FAST, "--model", f"{path}:build"), "importing", "sys.exit(0)")
 
 
 @pytest.mark.parametrize(
     ("build", "words"),
-    [("build_exit_0", ("build_exit_0", "sys.exit(0)")),
-     ("build_exit_3", ("build_exit_3", "sys.exit(3)")),
-     ("build_exits_in_training", ("forward", "sys.exit(0)")),
-     ("build_no_parameters", ("no parameters",)),
-     ("build_frozen", ("requires a gradient",)),
-     ("build_on_meta", ("'meta' device",))],
+    [
+        ("build_exit_0", ("build_exit_0", "sys.exit(0)")),
+        ("build_exit_3", ("build_exit_3", "sys.exit(3)")),
+        ("build_exits_in_training", ("forward", "sys.exit(0)")),
+        ("build_no_parameters", ("no parameters",)),
+        ("build_frozen", ("requires a gradient",)),
+        ("build_on_meta", ("'meta' device",)),
+    ],
 )
 def test_user_code_that_exits_or_cannot_train(mtx, models, build, words, error_line):
     error_line(mtx("check-grads", *FAST, "--model", f"{models}:{build}"), *words)
@@ -450,8 +485,13 @@ def test_user_code_that_exits_or_cannot_train(mtx, models, build, words, error_l
 
 def test_user_forward_raising_mid_training_is_one_line(mtx, models, error_line):
     spec = f"{models}:build_raises_third"
-    line = error_line(mtx("check-grads", *FAST, "--model", spec),
-                          spec, "forward", "RuntimeError", "boom on call 3")
+    line = error_line(
+        mtx("check-grads", *FAST, "--model", spec),
+        spec,
+        "forward",
+        "RuntimeError",
+        "boom on call 3",
+    )
     assert "second line" not in line
 
 
@@ -500,8 +540,9 @@ def test_stdout_to_stderr_also_moves_file_descriptor_1():
             print("more noise")
         print("after")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "the document\nafter\n"
     for noise in ("python print", "raw fd 1", "child process", "more noise"):
@@ -536,17 +577,16 @@ def warnings_to_stderr():
     """Undo pytest's warning capture: warnings print on (the CliRunner's) sys.stderr."""
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = (
-            lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
-                warnings.formatwarning(message, category, filename, lineno, line)
-            )
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: (
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
         )
         yield
 
 
 def test_a_warning_before_an_error_is_dropped(mtx, models, warnings_to_stderr, error_line):
-    error_line(mtx("check-grads", *FAST, "--model", f"{models}:build_warns_then_fails"),
-                   "forward failed")
+    error_line(
+        mtx("check-grads", *FAST, "--model", f"{models}:build_warns_then_fails"), "forward failed"
+    )
 
 
 def test_warnings_of_a_normal_run_are_replayed():

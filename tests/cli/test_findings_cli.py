@@ -14,8 +14,20 @@ COMMANDS = ("debug-loss", "debug-extended", "anneal-demo", "check-grads")
 # the command's own.
 HEADER = [f.name for f in fields(Report)]
 COMMON_CONFIG = [f.name for f in fields(RunConfig)]
-HEADER_KEYS = ["command", "version", "config", "device", "data", "batch_size", "reduction",
-               "scenario", "semantic_applicable", "findings", "not_checked", "exit_code"]
+HEADER_KEYS = [
+    "command",
+    "version",
+    "config",
+    "device",
+    "data",
+    "batch_size",
+    "reduction",
+    "scenario",
+    "semantic_applicable",
+    "findings",
+    "not_checked",
+    "exit_code",
+]
 CONFIG_KEYS = ["seed", "device", "epochs", "batch_size", "reduction", "fail_on", "plot"]
 
 
@@ -23,6 +35,8 @@ def test_header_and_config_fields():
     assert HEADER[:3] == ["command", "version", "config"] and HEADER[-1] == "exit_code"
     assert [k for k in HEADER if k in HEADER_KEYS] == HEADER_KEYS
     assert [k for k in COMMON_CONFIG if k in CONFIG_KEYS] == CONFIG_KEYS
+
+
 OWN_CONFIG = {
     "debug-loss": ["recon_weight", "kl_weight", "semantic_weight", "every"],
     "debug-extended": ["data_kind", "samples"],
@@ -70,20 +84,30 @@ def test_findings_are_merged_across_runs_per_subject(mtx):
     where = [f["where"] for f in rows]
     assert len(set(where)) == len(where)  # one row per subject
     assert all(w.startswith("Default, Higher KL, Balanced: semantic/") for w in where)
-    assert {"Default, Higher KL, Balanced: semantic/is_alive",
-            "Default, Higher KL, Balanced: semantic/role"} <= set(where)
+    assert {
+        "Default, Higher KL, Balanced: semantic/is_alive",
+        "Default, Higher KL, Balanced: semantic/role",
+    } <= set(where)
     assert all(f["runs"] == found_in for f in rows)
     for r in out["runs"]:
         assert ("no-grad-path" in r["diagnosis"]["findings"]) == (r["name"] in found_in)
     assert out["exit_code"] == 1
 
 
-@pytest.mark.parametrize(
-    ("fail_on", "code"), [("never", 0), ("error", 0), ("warning", 1)]
-)
+@pytest.mark.parametrize(("fail_on", "code"), [("never", 0), ("error", 0), ("warning", 1)])
 def test_fail_on_thresholds_for_a_warning(mtx, fail_on, code):
-    run = mtx("debug-loss", "--json", "--kl-weight", "0.1", "--scenario", "legacy-reduction",
-              "--epochs", "3", "--fail-on", fail_on)
+    run = mtx(
+        "debug-loss",
+        "--json",
+        "--kl-weight",
+        "0.1",
+        "--scenario",
+        "legacy-reduction",
+        "--epochs",
+        "3",
+        "--fail-on",
+        fail_on,
+    )
     severities = {f["code"]: f["severity"] for f in run.json["findings"]}
     assert severities.get("batch-dependent-weights") == "warning"
     assert "error" not in severities.values()

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-GOOD = '''
+GOOD = """
 import torch
 from torch import nn
 
@@ -62,7 +62,7 @@ def build_wrong_output():
 
 def build_wrong_dim():
     return TinyVAE(7)
-'''
+"""
 
 
 @pytest.fixture
@@ -85,14 +85,28 @@ def test_user_model_runs_in_every_command(mtx, model_file):
 def test_user_model_parameters_are_the_ones_reported(mtx, model_file):
     out = mtx("check-grads", "--epochs", "1", "--json", "--model", f"{model_file}:build").json
     assert {p["name"] for p in out["parameters"]} == {
-        "enc.weight", "enc.bias", "mu.weight", "mu.bias", "log_var.weight", "log_var.bias",
-        "dec.weight", "dec.bias",
+        "enc.weight",
+        "enc.bias",
+        "mu.weight",
+        "mu.bias",
+        "log_var.weight",
+        "log_var.bias",
+        "dec.weight",
+        "dec.bias",
     }
 
 
 def test_user_model_unused_parameter_is_found(mtx, model_file):
-    out = mtx("debug-loss", "--epochs", "2", "--kl-weight", "0.1", "--json", "--model",
-              f"{model_file}:build_unused").json
+    out = mtx(
+        "debug-loss",
+        "--epochs",
+        "2",
+        "--kl-weight",
+        "0.1",
+        "--json",
+        "--model",
+        f"{model_file}:build_unused",
+    ).json
     codes = {f["code"] for f in out["findings"]}
     assert "unused-params" in codes
 
@@ -116,6 +130,13 @@ def test_bad_model_specs(mtx, assert_bad_input, model_file, spec, words):
 
 
 def test_model_and_scenario_do_not_mix(mtx, assert_bad_input, model_file):
-    run = mtx("debug-loss", "--epochs", "1", "--model", f"{model_file}:build", "--scenario",
-              "frozen-noise")
+    run = mtx(
+        "debug-loss",
+        "--epochs",
+        "1",
+        "--model",
+        f"{model_file}:build",
+        "--scenario",
+        "frozen-noise",
+    )
     assert_bad_input(run, "--scenario")

@@ -26,8 +26,17 @@ from meaning_transform.studies.report import (
 
 WIDTHS = (50, 80, 120)
 COMMON = dict(
-    seed=0, device="cpu", epochs=2, batch_size=128, lr=1e-3, data=None, model=None,
-    scenario="healthy", reduction="mean", fail_on="error", plot=None,
+    seed=0,
+    device="cpu",
+    epochs=2,
+    batch_size=128,
+    lr=1e-3,
+    data=None,
+    model=None,
+    scenario="healthy",
+    reduction="mean",
+    fail_on="error",
+    plot=None,
 )
 
 
@@ -53,19 +62,18 @@ def reports():
     debug_loss = run_debug_loss(
         pipeline,
         PRESETS[:2],
-        DebugLossConfig(**COMMON, recon_weight=None, kl_weight=None, semantic_weight=None,
-                        every=0),
+        DebugLossConfig(**COMMON, recon_weight=None, kl_weight=None, semantic_weight=None, every=0),
     )
     anneal = run_anneal(
         pipeline,
         BetaSchedule("linear"),
-        AnnealConfig(**COMMON, schedule="linear", min_beta=0.0, max_beta=1.0, cycles=4,
-                     ratio=0.5),
+        AnnealConfig(**COMMON, schedule="linear", min_beta=0.0, max_beta=1.0, cycles=4, ratio=0.5),
     )
     check_grads = run_check_grads(
         pipeline,
-        CheckGradsConfig(**COMMON, recon_weight=1.0, kl_weight=0.1, semantic_weight=None,
-                         clip=None),
+        CheckGradsConfig(
+            **COMMON, recon_weight=1.0, kl_weight=0.1, semantic_weight=None, clip=None
+        ),
     )
     datasets = extended_datasets("all", None, n=64, seed=0)[:2]  # agent states and one other
     debug_extended = run_debug_extended(
@@ -95,8 +103,11 @@ def test_component_table_cells_sit_under_their_headers(reports, width):
     epoch = run.epochs[0]
     kl = epoch.components["kl"]
     assert render.num(kl.raw) != render.num(kl.weighted)  # a swap would show
-    rows = table_rows(text_of(report, width), f"{run.name} · epoch {epoch.epoch}",
-                      ["component", "reduction", "raw", "weight", "weighted", "share", "flags"])
+    rows = table_rows(
+        text_of(report, width),
+        f"{run.name} · epoch {epoch.epoch}",
+        ["component", "reduction", "raw", "weight", "weighted", "share", "flags"],
+    )
     by_name = {r["component"]: r for r in rows}
     assert list(by_name) == [*epoch.components, "total"]
     for name, component in epoch.components.items():
@@ -147,8 +158,16 @@ def test_summary_has_a_row_per_configuration(reports):
     rows = table_rows(
         text_of(report, 200),
         "Summary (final epoch, raw components)",
-        ["configuration", "weights r/kl/s", "first total", "final total", *components,
-         "grad norm", "flags", "findings"],
+        [
+            "configuration",
+            "weights r/kl/s",
+            "first total",
+            "final total",
+            *components,
+            "grad norm",
+            "flags",
+            "findings",
+        ],
     )
     assert [r["configuration"] for r in rows] == [s.name for s in report.summary]
     for row, s in zip(rows, report.summary):
@@ -167,8 +186,10 @@ def _with_collapse(report: DebugLossReport, status: str, reason: str) -> DebugLo
 
 def test_latent_line_says_not_judged_rather_than_collapsed(reports):
     report = _with_collapse(reports["debug-loss"], "not-judged", "only 4 steps, judged after 20")
-    line = render_text(render.latent_section(report.runs[0].diagnosis.latent,
-                                             report.runs[0].diagnosis.collapse), 400)
+    line = render_text(
+        render.latent_section(report.runs[0].diagnosis.latent, report.runs[0].diagnosis.collapse),
+        400,
+    )
     assert "collapse not judged: only 4 steps, judged after 20" in line
     assert "collapsed" not in line
 
@@ -195,7 +216,7 @@ def test_findings_table_shows_title_message_and_remedy(reports):
     report = replace(reports["debug-loss"], findings=(unique,))
     for width in WIDTHS:
         text = text_of(report, width)
-        section = text[text.index("Findings"):]
+        section = text[text.index("Findings") :]
         assert "made-up-code" in section and "semantic/threatened" in section
         tokens = section.split()
         assert is_subsequence(unique.title.split(), tokens), section
@@ -205,18 +226,28 @@ def test_findings_table_shows_title_message_and_remedy(reports):
 
 
 def test_no_findings_says_so(reports):
-    report = replace(reports["debug-loss"], findings=())
+    report = replace(reports["debug-loss"], findings=(), not_checked=())
     assert render.NO_FINDINGS in text_of(report)
+    assert render.NO_FINDINGS_PARTLY not in text_of(report)
 
 
-@pytest.mark.parametrize("command", ["debug-loss", "anneal-demo", "check-grads",
-                                     "debug-extended"])
+def test_no_findings_with_checks_not_run_does_not_claim_all_is_well(reports):
+    from meaning_transform.diagnostics.findings import NotChecked
+
+    skipped = (NotChecked("loss-plateau", "needs 3 epochs, this run had 2", ("Default",)),)
+    report = replace(reports["debug-loss"], findings=(), not_checked=skipped)
+    text = text_of(report)
+    assert render.NO_FINDINGS_PARTLY in " ".join(text.split())
+    assert render.NO_FINDINGS not in text
+
+
+@pytest.mark.parametrize("command", ["debug-loss", "anneal-demo", "check-grads", "debug-extended"])
 def test_every_not_checked_item_is_listed(reports, command):
     extra = NotChecked("made-up-check", "the made-up reason it could not run", ("Run A", "Run B"))
     report = replace(reports[command], not_checked=(*reports[command].not_checked, extra))
     for width in WIDTHS:
         text = text_of(report, width)
-        section = text[text.index("Not checked"):]
+        section = text[text.index("Not checked") :]
         tokens = section.split()
         for item in report.not_checked:
             assert item.code in section
@@ -231,8 +262,11 @@ def test_anneal_table_has_beta_and_weighted_kl_per_epoch(reports):
     report = reports["anneal-demo"]
     text = text_of(report)
     title = next(line.strip() for line in text.splitlines() if line.startswith("Per epoch"))
-    rows = table_rows(text, title, ["epoch", "β", "recon", "KL", "β·KL", "semantic", "total",
-                                    "grad norm", "flags"])
+    rows = table_rows(
+        text,
+        title,
+        ["epoch", "β", "recon", "KL", "β·KL", "semantic", "total", "grad norm", "flags"],
+    )
     assert [r["epoch"] for r in rows] == [str(e.epoch) for e in report.epochs]
     for row, e in zip(rows, report.epochs):
         assert row["β"] == render.num(e.beta)
@@ -247,8 +281,19 @@ def test_check_grads_parameter_rows(reports):
     rows = table_rows(
         text,
         f"Parameters at step {report.last_step}",
-        ["parameter", "shape", "norm", "mean", "std", "min", "max", "zeros", "NaN", "Δw/w",
-         "flags"],
+        [
+            "parameter",
+            "shape",
+            "norm",
+            "mean",
+            "std",
+            "min",
+            "max",
+            "zeros",
+            "NaN",
+            "Δw/w",
+            "flags",
+        ],
     )
     assert [r["parameter"] for r in rows] == [p.name for p in report.parameters]
     for row, p in zip(rows, report.parameters):
@@ -282,26 +327,43 @@ def _sections(kind):
     ]
 
 
-@pytest.mark.parametrize("index", range(8), ids=[
-    "parameters", "untrained-pass", "training", "gradients", "kl-terms", "kl-per-dim",
-    "recon-per-feature", "annealing",
-])
+@pytest.mark.parametrize(
+    "index",
+    range(8),
+    ids=[
+        "parameters",
+        "untrained-pass",
+        "training",
+        "gradients",
+        "kl-terms",
+        "kl-per-dim",
+        "recon-per-feature",
+        "annealing",
+    ],
+)
 def test_debug_extended_section(reports, index):
     report = reports["debug-extended"]
     text = text_of(report)
     lines = text.splitlines()
     for kind in report.kinds:
         start = next(i for i, line in enumerate(lines) if f"{kind.kind}: synthetic:" in line)
-        end = next(i for i in range(start, len(lines))
-                   if lines[i].startswith(f"findings ({kind.kind})"))
+        end = next(
+            i for i in range(start, len(lines)) if lines[i].startswith(f"findings ({kind.kind})")
+        )
         block = lines[start:end]
         sections = _sections(kind)
         title, number = sections[index]
         at = next((i for i, line in enumerate(block) if line.startswith(title)), None)
         assert at is not None, f"no section {title!r} for {kind.kind}"
-        following = [t for t, _ in sections[index + 1:]]
-        stop = next((i for i in range(at + 1, len(block))
-                     if any(block[i].startswith(t) for t in following)), len(block))
+        following = [t for t, _ in sections[index + 1 :]]
+        stop = next(
+            (
+                i
+                for i in range(at + 1, len(block))
+                if any(block[i].startswith(t) for t in following)
+            ),
+            len(block),
+        )
         assert number in "\n".join(block[at:stop]), (title, number)
 
 
@@ -314,18 +376,22 @@ def test_debug_extended_measured_on_and_findings_per_kind(reports):
         assert f"findings ({kind.kind}): {codes}" in text
 
 
-@pytest.mark.parametrize(("status", "expected"), [
-    ("not-judged", {"not judged"}),
-    ("finding", {"collapsed", "—"}),
-    ("ok", {"ok", "low KL"}),
-])
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ("not-judged", {"not judged"}),
+        ("finding", {"collapsed", "—"}),
+        ("ok", {"ok", "low KL"}),
+    ],
+)
 def test_kl_per_dim_status_agrees_with_the_collapse_verdict(reports, status, expected):
     report = reports["debug-extended"]
     kind = report.kinds[0]
     verdict = Verdict("posterior-collapse", status, "why")
     text = render_text(render.dx_latent_section(kind.diagnosis.latent, verdict), 120)
-    rows = table_rows(text, "KL per latent dimension",
-                      ["dim", "KL (nats)", "Var μ", "active", "collapse"])
+    rows = table_rows(
+        text, "KL per latent dimension", ["dim", "KL (nats)", "Var μ", "active", "collapse"]
+    )
     assert len(rows) == kind.diagnosis.latent.latent_dim
     statuses = {r["collapse"] for r in rows}
     assert statuses <= expected
@@ -335,7 +401,9 @@ def test_kl_per_dim_status_agrees_with_the_collapse_verdict(reports, status, exp
             assert row["collapse"] == ("collapsed" if low else "—")
     if status == "not-judged":
         assert "collapse not judged: why" in " ".join(text.split())
-    assert {r["KL (nats)"] for r in rows} == {render.num(v) for v in kind.diagnosis.latent.kl_per_dim}
+    assert {r["KL (nats)"] for r in rows} == {
+        render.num(v) for v in kind.diagnosis.latent.kl_per_dim
+    }
 
 
 # --------------------------------------------------------------------------- any width
@@ -348,8 +416,7 @@ def _names(report) -> set[str]:
 
 
 @pytest.mark.parametrize("width", WIDTHS)
-@pytest.mark.parametrize("command", ["debug-loss", "anneal-demo", "check-grads",
-                                     "debug-extended"])
+@pytest.mark.parametrize("command", ["debug-loss", "anneal-demo", "check-grads", "debug-extended"])
 def test_nothing_is_cut_at_any_width(reports, command, width):
     report = reports[command]
     text = text_of(report, width)
@@ -431,8 +498,10 @@ def test_no_color_removes_colour_even_on_a_forced_terminal(monkeypatch, reports)
     monkeypatch.setattr("sys.stdout", io.StringIO())
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.setenv("NO_COLOR", "1")
-    report = replace(reports["debug-loss"], findings=(
-        Finding("made-up-code", "error", "t", "m", "r", "Default"),))
+    report = replace(
+        reports["debug-loss"],
+        findings=(Finding("made-up-code", "error", "t", "m", "r", "Default"),),
+    )
     out = consoles.console()
     render.render(report, out)
     colours = re.findall(r"\x1b\[[0-9;]*(?:3[0-9]|4[0-9]|9[0-7])[0-9;]*m", out.file.getvalue())
@@ -449,12 +518,26 @@ def test_common_reexports_the_console():
 # --------------------------------------------------------------------------- through the CLI
 
 CLI_RUNS = {
-    "debug-loss": ["debug-loss", "--epochs", "2", "--kl-weight", "0.1",
-                   "--scenario", "no-grad-path"],
+    "debug-loss": [
+        "debug-loss",
+        "--epochs",
+        "2",
+        "--kl-weight",
+        "0.1",
+        "--scenario",
+        "no-grad-path",
+    ],
     "anneal-demo": ["anneal-demo", "--epochs", "2", "--scenario", "imbalance"],
     "check-grads": ["check-grads", "--epochs", "2", "--scenario", "unused-params"],
-    "debug-extended": ["debug-extended", "--epochs", "2", "--data-kind", "agent_states",
-                       "--samples", "64"],
+    "debug-extended": [
+        "debug-extended",
+        "--epochs",
+        "2",
+        "--data-kind",
+        "agent_states",
+        "--samples",
+        "64",
+    ],
 }
 
 
@@ -513,8 +596,10 @@ def test_cli_piped_without_columns_is_120_wide_and_colourless(cli, command):
 def _wide_grid():
     names = ["alpha.beta.gamma.delta.epsilon.weight", "b.bias"]
     columns = ["param", *(f"stat{i}" for i in range(8)), render.Col("flags", "left", wrap=True)]
-    rows = [[n, *(render.num(-1.0e-5 * (10 * r + i + 1)) for i in range(8)), "tiny bn-absorbed"]
-            for r, n in enumerate(names)]
+    rows = [
+        [n, *(render.num(-1.0e-5 * (10 * r + i + 1)) for i in range(8)), "tiny bn-absorbed"]
+        for r, n in enumerate(names)
+    ]
     return render.grid(columns, rows, title="wide"), names, rows
 
 
@@ -553,7 +638,8 @@ def test_a_data_path_with_markup_is_printed_literally(tmp_path):
 
     path = tmp_path / "[bold]x[red]y.npy"  # a file name cannot hold the "/" of "[/]"
     np.save(path, synthetic_agent_states(64, seed=3).numpy())
-    result = CliRunner().invoke(app, ["check-grads", "--epochs", "1", "--data", str(path)],
-                                env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        app, ["check-grads", "--epochs", "1", "--data", str(path)], env={"COLUMNS": "200"}
+    )
     assert result.exit_code in (0, 1), result.output
     assert f"data {path} (64×10)" in result.stdout

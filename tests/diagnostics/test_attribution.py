@@ -180,11 +180,19 @@ def test_summary_means_skip_steps_that_did_not_attribute_a_term():
     def att(norms: dict[str, float]) -> Attribution:
         names = tuple(norms)
         return Attribution(
-            terms=names, weights=dict.fromkeys(names, 1.0), total_of=names, norm=norms,
-            weighted_norm=norms, share=dict.fromkeys(names, 0.5),
+            terms=names,
+            weights=dict.fromkeys(names, 1.0),
+            total_of=names,
+            norm=norms,
+            weighted_norm=norms,
+            share=dict.fromkeys(names, 0.5),
             cosine={a: {b: (1.0 if a == b else -0.5) for b in names} for a in names},
-            total_norm=1.0, method="loop", fallback_reason=None, zero_gradient=(),
-            detached=(), conflicts=(),
+            total_norm=1.0,
+            method="loop",
+            fallback_reason=None,
+            zero_gradient=(),
+            detached=(),
+            conflicts=(),
         )
 
     summary = summarise_attributions([att({"rec": 2.0}), att({"rec": 4.0, "kl": 1.0})])

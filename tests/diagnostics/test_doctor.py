@@ -93,8 +93,9 @@ def test_attribution_matches_direct_autograd():
     att = doctor.attributions[-1]
     params = [p for p in model.parameters() if p.requires_grad]
     for name in ("reconstruction", "kl", "semantic"):
-        grads = torch.autograd.grad(result["terms"][name], params, retain_graph=True,
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            result["terms"][name], params, retain_graph=True, allow_unused=True
+        )
         flat = torch.cat([g.flatten() for g in grads if g is not None])
         assert abs(att.norm[name] - float(flat.norm())) <= 1e-5 * float(flat.norm())
     doctor.close()

@@ -11,8 +11,18 @@ from meaning_transform.diagnostics.gradients import GradientSnapshot, ParamGradS
 def _param(name: str, norm: float | None) -> ParamGradStats:
     has = norm is not None
     return ParamGradStats(
-        name=name, shape=(2,), numel=2, has_grad=has, norm=norm, mean=None, abs_mean=None,
-        std=None, min=None, max=None, zero_fraction=None, non_finite=0 if has else None,
+        name=name,
+        shape=(2,),
+        numel=2,
+        has_grad=has,
+        norm=norm,
+        mean=None,
+        abs_mean=None,
+        std=None,
+        min=None,
+        max=None,
+        zero_fraction=None,
+        non_finite=0 if has else None,
         weight_norm=None,
     )
 
@@ -26,8 +36,9 @@ def _snap(w: float, b: float | None, ratio: float | None = None) -> GradientSnap
 
 def test_mean_max_and_final_per_parameter_in_snapshot_order():
     history = [_snap(1.0, 1e-9, ratio=2.0), _snap(3.0, None), _snap(2.0, 3e-9, ratio=0.5)]
-    summary = gradient_summary(history, hooks_registered=3, training_steps=4,
-                               batch_norm_centred=["fc.bias"])
+    summary = gradient_summary(
+        history, hooks_registered=3, training_steps=4, batch_norm_centred=["fc.bias"]
+    )
     assert (summary.hooks_registered, summary.captured_steps, summary.training_steps) == (3, 3, 4)
     assert summary.final_total_norm == pytest.approx((4.0 + 9e-18) ** 0.5)
     assert summary.final_first_last_ratio == 0.5

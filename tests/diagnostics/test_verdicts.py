@@ -145,7 +145,10 @@ def finding(code: str, where: str, severity: str = "warning") -> Finding:
 def test_merge_makes_one_row_per_code_and_subject_naming_the_runs():
     merged = merge_findings(
         [
-            ("Default", [finding("no-grad-path", "Default:semantic/role"), finding("x", "Default")]),
+            (
+                "Default",
+                [finding("no-grad-path", "Default:semantic/role"), finding("x", "Default")],
+            ),
             ("Balanced", [finding("no-grad-path", "Balanced:semantic/role")]),
             ("Higher KL", [finding("no-grad-path", "Higher KL:semantic/is_alive", "error")]),
         ]
@@ -165,8 +168,10 @@ def test_merge_makes_one_row_per_code_and_subject_naming_the_runs():
 
 def test_merge_keeps_the_worst_severity_of_a_group():
     merged = merge_findings(
-        [("a", [finding("grad-conflict", "a:kl|x", "info")]),
-         ("b", [finding("grad-conflict", "b:kl|x", "warning")])]
+        [
+            ("a", [finding("grad-conflict", "a:kl|x", "info")]),
+            ("b", [finding("grad-conflict", "b:kl|x", "warning")]),
+        ]
     )
     assert len(merged) == 1 and merged[0].severity == "warning"
     assert merged[0].message == "grad-conflict at b:kl|x"
@@ -174,8 +179,11 @@ def test_merge_keeps_the_worst_severity_of_a_group():
 
 def test_merge_not_checked_groups_runs_by_reason():
     merged = merge_not_checked(
-        [("a", [NotChecked("loss-plateau", "needs 3")]), ("b", [NotChecked("loss-plateau", "needs 3")]),
-         ("c", [NotChecked("loss-plateau", "other")])]
+        [
+            ("a", [NotChecked("loss-plateau", "needs 3")]),
+            ("b", [NotChecked("loss-plateau", "needs 3")]),
+            ("c", [NotChecked("loss-plateau", "other")]),
+        ]
     )
     assert [(m.code, m.reason, m.runs) for m in merged] == [
         ("loss-plateau", "needs 3", ("a", "b")),

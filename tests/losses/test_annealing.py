@@ -66,7 +66,7 @@ def test_sigmoid_is_symmetric_about_the_middle() -> None:
 
 def test_exponential_is_geometric_between_positive_ends() -> None:
     betas = np.array(beta_schedule(6, 0.001, 1.0, "exponential"))
-    np.testing.assert_allclose(betas[1:] / betas[:-1], 10 ** 0.6, rtol=1e-9)
+    np.testing.assert_allclose(betas[1:] / betas[:-1], 10**0.6, rtol=1e-9)
 
 
 def test_exponential_from_zero_uses_the_offset_after_epoch_zero() -> None:

@@ -45,8 +45,9 @@ def check_grads(scenario: str = "healthy", epochs: int = 3) -> Report:
     return run_check_grads(pipeline(scenario, epochs), options)
 
 
-def debug_extended(scenario: str = "healthy", epochs: int = 5, kind: str = "agent_states"
-                   ) -> Report:
+def debug_extended(
+    scenario: str = "healthy", epochs: int = 5, kind: str = "agent_states"
+) -> Report:
     options = DebugExtendedConfig(epochs=epochs, scenario=scenario, data_kind=kind, device="cpu")
     base = pipeline(scenario, epochs)
     datasets = extended_datasets(kind, None, seed=0, scenario=base.scenario)
