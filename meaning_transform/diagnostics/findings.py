@@ -6,8 +6,9 @@ the worst severity into an exit code through ``--fail-on``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Literal
 
 Severity = Literal["error", "warning", "info"]
@@ -23,8 +24,11 @@ class Finding:
     message: str  # what was seen, with numbers
     remedy: str  # what to do, in plain words
     where: str = ""  # the run, and the term or parameter it is about ("Default:kl")
-    evidence: dict[str, float | int | str | None] = field(default_factory=dict)
+    evidence: Mapping[str, float | int | str | None] = field(default_factory=dict)
     runs: tuple[str, ...] = ()  # the runs (configurations, data kinds) it was found in
+
+    def __post_init__(self) -> None:  # a finding, like the report holding it, is read-only
+        object.__setattr__(self, "evidence", MappingProxyType(dict(self.evidence)))
 
     def as_dict(self) -> dict[str, object]:
         return {
