@@ -150,3 +150,18 @@ def test_readme_json_parts_match_the_dataclasses():
         if base:
             skip = {f.name for f in dataclasses.fields(actual[base])}
         assert keys == [f for f in fields if f not in skip], name
+
+
+def test_layout_map_names_every_module_once():
+    section = README.split("## How the code is laid out")[1].split("\n## ")[0]
+    listed = re.findall(r"^\| `([\w/.]+)` \|", section, flags=re.M)
+    assert len(listed) == len(set(listed))
+    package = ROOT / "meaning_transform"
+    modules = {
+        str(p.relative_to(package))
+        for p in package.rglob("*.py")
+        if p.name not in ("__main__.py", "_lazy.py", "_modes.py")
+        and not (p.name == "__init__.py" and p.parent != package / "cli")
+        and p.parent.name != "losses"
+    } | {"losses/"}
+    assert modules == set(listed), (sorted(modules - set(listed)), sorted(set(listed) - modules))
