@@ -97,7 +97,9 @@ class Pipeline:
     ) -> TrainResult:
         """A plain training run (no Doctor), e.g. debug-extended's annealing run."""
         data = (dataset or self.dataset).tensor
-        return train(model, loss_fn, data, config or self.config, on_epoch=self.tick())
+        config = config or self.config
+        seed_everything(config.seed)
+        return train(model, loss_fn, data, config, on_epoch=self.tick())
 
     def diagnose(
         self,
@@ -129,6 +131,7 @@ class Pipeline:
         with doctor:
             if on_attach is not None:
                 on_attach(doctor)
+            seed_everything(config.seed)
             result = train(
                 model, loss_fn, data, config, callbacks=(doctor, *callbacks), on_epoch=self.tick()
             )
@@ -186,6 +189,22 @@ class Pipeline:
             "findings": merge_findings([(r.where, r.findings) for r in runs]),
             "not_checked": merge_not_checked([(r.where, r.not_checked) for r in runs]),
         }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global generators before a run.
+
+    mtx's own model and shuffling use their own generators, but a user's model draws its
+    noise from the global one (``torch.randn_like``): seeding it makes two runs with the
+    same ``--seed`` identical, step for step.
+    """
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 # --------------------------------------------------------------------------- records -> rows
