@@ -9,7 +9,9 @@ Two properties matter for diagnosing training, and both come from the original b
   of ``mu``. Here the model owns a CPU ``torch.Generator`` seeded from ``seed``: each call
   draws new ``eps`` from it, the whole sequence is reproducible from the seed, and the
   global RNG is never touched. ``noise="frozen"`` brings the bug back on purpose (the
-  generator is reseeded before every draw) so that a fault scenario can reproduce it.
+  generator is reseeded before every draw) so that a fault scenario can reproduce it;
+  ``noise="exp_logvar"`` (sigma = exp(log_var), the variance used as the standard
+  deviation) and ``noise="scaled"`` (eps times 0.01) bring back two other common bugs.
 * **Construction is deterministic from ``seed``.** Parameters are initialised under
   ``torch.random.fork_rng()`` with ``torch.manual_seed(seed)``, so two models built with
   the same arguments are identical and the caller's global RNG state is left as it was.
@@ -27,7 +29,8 @@ import torch
 from torch import nn
 
 OUTPUT_ACTIVATIONS: tuple[str, ...] = ("none", "sigmoid")
-NOISE_MODES: tuple[str, ...] = ("fresh", "frozen")
+NOISE_MODES: tuple[str, ...] = ("fresh", "frozen", "exp_logvar", "scaled")
+SCALED_NOISE = 0.01  # noise="scaled": the "small noise for stability" bug
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,
@@ -142,10 +145,11 @@ class MeaningVAE(nn.Module):
         output_activation: ``"none"`` or ``"sigmoid"`` (pair it with a BCE loss).
         activation: hidden activation, one of :data:`ACTIVATIONS`.
         seed: seeds both the parameter initialisation and the noise generator.
-        noise: ``"fresh"`` (new ``eps`` on every training call, reproducible from ``seed``)
-            or ``"frozen"``, which reseeds the generator before every draw so ``eps`` never
-            changes. ``"frozen"`` reproduces the original bug and exists only for fault
-            scenarios; do not train with it.
+        noise: ``"fresh"`` (new ``eps`` on every training call, reproducible from ``seed``).
+            The other modes are bugs kept for fault scenarios; do not train with them:
+            ``"frozen"`` reseeds the generator before every draw so ``eps`` never changes
+            (the original bug), ``"exp_logvar"`` uses ``exp(log_var)`` (the variance) as
+            sigma, ``"scaled"`` multiplies ``eps`` by :data:`SCALED_NOISE`.
 
     Shape:
         ``forward(x)`` takes ``(B, D)`` and returns a dict with ``reconstruction`` ``(B, D)``
@@ -213,14 +217,20 @@ class MeaningVAE(nn.Module):
         return self.decoder(z)
 
     def reparameterize(self, mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-        """``mu + exp(0.5 * log_var) * eps`` in training mode, ``mu`` in eval mode.
+        """``mu + exp(0.5 * log_var) * eps`` in training mode, ``mu`` in eval mode (the
+        ``exp_logvar`` and ``scaled`` noise modes get it wrong on purpose).
 
         ``log_var`` is not clamped here: an exploding variance should reach the loss
         checks and be reported, not be hidden by the model.
         """
         if not self.training:
             return mu
-        return mu + torch.exp(0.5 * log_var) * self._draw_eps(mu)  # (B, Z)
+        eps = self._draw_eps(mu)  # (B, Z)
+        if self.noise == "exp_logvar":
+            return mu + torch.exp(log_var) * eps  # the bug: the variance used as sigma
+        if self.noise == "scaled":
+            eps = SCALED_NOISE * eps  # the bug: noise shrunk "for stability"
+        return mu + torch.exp(0.5 * log_var) * eps
 
     def reset_noise(self, seed: int | None = None) -> None:
         """Restart the noise stream from ``seed`` (default: the constructor's ``seed``).

@@ -83,6 +83,11 @@ def _sqrt_at_zero(out: dict, x: torch.Tensor) -> dict:
     return out
 
 
+def _drop_z(out: dict, x: torch.Tensor) -> dict:
+    out.pop("z")  # a user's model that returns no z: the Doctor cannot recover eps
+    return out
+
+
 def _opposing_term(out: dict, x: torch.Tensor) -> dict:
     out["compression_loss"] = -0.5 * ((out["reconstruction"] - x) ** 2).sum(1).mean()
     return out
@@ -154,6 +159,25 @@ SCENARIOS: dict[str, Scenario] = {
             ("frozen-noise",),
             "the original bug: the noise generator is reseeded on every call",
             model_kwargs={"noise": "frozen"},
+        ),
+        Scenario(
+            "frozen-no-z",
+            ("frozen-noise",),
+            "the same bug in a model whose output has no z: two passes of one batch match",
+            model_kwargs={"noise": "frozen"},
+            prepare=lambda m: _Wrapped(m, _drop_z),
+        ),
+        Scenario(
+            "noise-scale",
+            ("noise-scale",),
+            "sigma = exp(log_var): the variance used as the standard deviation",
+            model_kwargs={"noise": "exp_logvar"},
+        ),
+        Scenario(
+            "tiny-noise",
+            ("noise-scale",),
+            'eps multiplied by 0.01 (noise shrunk "for stability")',
+            model_kwargs={"noise": "scaled"},
         ),
         Scenario(
             "no-grad-path",

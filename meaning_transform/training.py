@@ -10,14 +10,14 @@ look closer (gradient monitors, attribution) plugs in as a step callback.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from meaning_transform.constants import COMPONENTS, DEVICES
+from meaning_transform.constants import DEVICES
 from meaning_transform.losses.annealing import SCHEDULES, beta_annealing, check_schedule_type
 from meaning_transform.optim import Adam
 
@@ -189,6 +189,31 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     return batches
 
 
+def term_values(result: Mapping[str, Any]) -> dict[str, float]:
+    """The unweighted value of each main term of one step's loss result, on the host.
+
+    A :class:`~meaning_transform.losses.CombinedLoss` result gives its components as
+    reported (after the 1e-8 floor); any other (the user's loss through
+    :class:`~meaning_transform.adapters.LossStep`) gives its terms under its own names.
+    Sub-terms (``"semantic/role"``) are attribution's business, not the epoch's.
+    """
+    if all(key in result for key in _RESULT_KEYS.values()):
+        return {name: float(result[key]) for name, key in _RESULT_KEYS.items()}
+    terms = {n: t for n, t in result.get("terms", {}).items() if "/" not in n}
+    if not terms:
+        return {}
+    host = torch.stack([t.detach().double().reshape(()) for t in terms.values()]).tolist()
+    return dict(zip(terms, host, strict=True))
+
+
+def _beta(loss_fn: nn.Module, weights: Mapping[str, float]) -> float:
+    """The KL weight in force: the loss's own attribute when it has one."""
+    value = getattr(loss_fn, _WEIGHT_ATTRIBUTES["kl"], None)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return weights.get("kl", math.nan)
+
+
 def train(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -225,7 +250,7 @@ def train(
     for epoch in range(config.epochs):
         if config.schedule is not None:
             setattr(loss_fn, _WEIGHT_ATTRIBUTES["kl"], config.schedule.beta(epoch, config.epochs))
-        sums: dict[str, float] = dict.fromkeys(COMPONENTS, 0.0)
+        sums: dict[str, float] = {}
         total_sum, norms, skipped = 0.0, [], 0
         floors: dict[str, int] = {}
         events: list[str] = []
@@ -260,20 +285,20 @@ def train(
             for cb in callbacks:
                 if hasattr(cb, "after_step"):
                     cb.after_step(ctx)
-            for name in COMPONENTS:
-                sums[name] += float(result[_RESULT_KEYS[name]])
+            for name, value in term_values(result).items():
+                sums[name] = sums.get(name, 0.0) + value
             total_sum += float(loss.detach())
             norms.append(grad_norm)
             step += 1
         k = len(indices)
-        weights = {**loss_weights(loss_fn), "compression": 1.0}
-        raw = {name: sums[name] / k for name in COMPONENTS}
+        raw = {name: total / k for name, total in sums.items()}
+        weights = {name: float(result.get("weights", {}).get(name, 1.0)) for name in raw}
         finite_norms = [g for g in norms if math.isfinite(g)]
         record = EpochRecord(
             epoch=epoch,
-            beta=weights["kl"],
+            beta=_beta(loss_fn, weights),
             raw=raw,
-            weighted={name: weights[name] * raw[name] for name in COMPONENTS},
+            weighted={name: weights[name] * raw[name] for name in raw},
             weights=weights,
             total=total_sum / k,
             grad_norm=sum(finite_norms) / len(finite_norms) if finite_norms else math.nan,

@@ -27,6 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from meaning_transform.adapters import (
+    InputShapeError,
+    OutputRolesError,
+    output_roles,
+    shape_rows,
+)
+
 REQUIRED_KEYS = ("reconstruction", "mu", "log_var")
 _BRIEF_MAX = 200  # characters of the user's exception message kept in the error line
 
@@ -39,12 +46,10 @@ class UserCodeError(ModelSpecError):
     """The user's code raised (or called ``sys.exit``) at import, in build or in forward."""
 
 
-def _load_callable(spec: str) -> Callable[..., object]:
+def _load_callable(spec: str, option: str = "--model") -> Callable[..., object]:
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise ModelSpecError(
-            f"--model expects FILE.py:FUNCTION or package.module:FUNCTION, got {spec!r}"
-        )
+        raise ModelSpecError(f"{option} expects FILE.py:NAME or package.module:NAME, got {spec!r}")
     if target.endswith(".py") or "/" in target or "\\" in target:
         module = _import_file(target)
     else:
@@ -53,16 +58,63 @@ def _load_callable(spec: str) -> Callable[..., object]:
         except ImportError as e:
             raise ModelSpecError(f"--model: cannot import module {target!r}: {_brief(e)}") from e
         except (Exception, SystemExit) as e:  # the user's module: any error is theirs to fix
-            raise UserCodeError(f"--model: importing {target} {_raised(e)}") from e
+            raise UserCodeError(f"--model: importing {target} {raised(e)}") from e
+    fn: object = module
     try:
-        fn = getattr(module, attr, None)
+        for part in attr.split("."):  # "VanillaVAE.loss_function": a method, by its class
+            fn = getattr(fn, part, None)
+            if fn is None:
+                break
     except (Exception, SystemExit) as e:  # a module-level __getattr__
-        raise UserCodeError(f"--model: {target}.{attr} {_raised(e)}") from e
+        raise UserCodeError(f"{option}: {target}.{attr} {raised(e)}") from e
     if fn is None:
-        raise ModelSpecError(f"--model: {target} has no attribute {attr!r}")
+        raise ModelSpecError(f"{option}: {target} has no attribute {attr!r}")
     if not callable(fn):
-        raise ModelSpecError(f"--model: {target}:{attr} is not callable")
+        raise ModelSpecError(f"{option}: {target}:{attr} is not callable")
     return fn
+
+
+def load_loss_factory(
+    spec: str,
+    extra_kwargs: dict[str, object] | None = None,
+    beta_kwarg: str | None = None,
+) -> Callable[[nn.Module], nn.Module]:
+    """``--loss FILE.py:NAME``: the user's loss, resolved now, built per model.
+
+    NAME is a function (``loss_function``) or a method by its class
+    (``VanillaVAE.loss_function``), which is bound to the model it is built for. The
+    factory returns a :class:`~meaning_transform.adapters.LossStep` that calls the loss
+    with what the user's model returned (see :data:`LAST_CALL`).
+    """
+    from meaning_transform.adapters import LossBindingError, LossStep, UserLoss
+
+    fn = _load_callable(spec, option="--loss")
+    method = "." in spec.rpartition(":")[2]
+
+    def build(model: nn.Module) -> nn.Module:
+        bound = fn.__get__(model) if method and hasattr(fn, "__get__") else fn
+        try:
+            user_loss = UserLoss(bound, extra_kwargs=extra_kwargs, name=spec)
+        except LossBindingError as e:
+            raise ModelSpecError(f"--loss {spec}: {e}") from e
+        return LossStep(user_loss, lambda: LAST_CALL.get(id(model)), beta_kwarg)
+
+    return build
+
+
+def check_loss(loss_fn: nn.Module, model: nn.Module, data: torch.Tensor) -> None:
+    """Call the user's loss once on the model's output for a few rows (no update): a
+    loss that returns what mtx cannot read fails now, in one line, not mid-training.
+    A NaN is not refused here: it is a finding."""
+    from meaning_transform.adapters import LossResultError
+
+    rows = data[:4]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        out = model(rows)
+        try:
+            loss_fn(out, rows)
+        except LossResultError as e:
+            raise ModelSpecError(f"--loss: {e}") from e
 
 
 def _import_file(target: str) -> ModuleType:
@@ -84,11 +136,11 @@ def _import_file(target: str) -> ModuleType:
         module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as e:  # the user's file: any error is theirs to fix
         sys.modules.pop(name, None)
-        raise UserCodeError(f"--model: importing {target} {_raised(e)}") from e
+        raise UserCodeError(f"--model: importing {target} {raised(e)}") from e
     return module
 
 
-def _raised(e: BaseException) -> str:
+def raised(e: BaseException) -> str:
     """``raised TypeError: <first line>``, or ``called sys.exit(0)``."""
     if isinstance(e, SystemExit):
         return f"called sys.exit({e.code!r}); user code must return or raise, not exit"
@@ -117,7 +169,9 @@ def _accepts_input_dim(fn: Callable[..., object]) -> bool:
     )
 
 
-def load_model_factory(spec: str) -> Callable[[int, int], nn.Module]:
+def load_model_factory(
+    spec: str, input_shape: tuple[int, ...] | None = None
+) -> Callable[[int, int], nn.Module]:
     """Resolve ``spec`` now (so a bad spec fails before any work) and return a factory.
 
     The factory takes ``(input_dim, seed)`` and returns a fresh model whose forward is
@@ -134,13 +188,13 @@ def load_model_factory(spec: str) -> Callable[[int, int], nn.Module]:
             try:
                 model = fn(input_dim=input_dim) if pass_dim else fn()
             except (Exception, SystemExit) as e:
-                raise UserCodeError(f"--model {spec} {_raised(e)}") from e
+                raise UserCodeError(f"--model {spec} {raised(e)}") from e
         if not isinstance(model, nn.Module):
             raise ModelSpecError(
                 f"--model: {spec} must return a torch.nn.Module, got {type(model).__name__}"
             )
         _check_trainable(model, spec)
-        _guard_forward(model, spec)
+        _guard_forward(model, spec, input_shape)
         return model
 
     return build
@@ -163,8 +217,17 @@ def _check_trainable(model: nn.Module, spec: str) -> None:
         )
 
 
-def _guard_forward(model: nn.Module, spec: str) -> None:
-    """Make ``model.forward`` turn the user's exceptions and exits into UserCodeError.
+def _guard_forward(model: nn.Module, spec: str, input_shape: tuple[int, ...] | None = None) -> None:
+    """Adapt ``model.forward`` to mtx: flat rows in, named roles out, user errors caught.
+
+    Called with data rows ``(B, D)``, the adapted forward reshapes them to
+    ``input_shape`` (``--input-shape``) when given, calls the user's forward, reads the
+    roles from whatever it returns (:func:`~meaning_transform.adapters.output_roles`: a
+    dict with the usual aliases, a tuple or list in the common conventions, an object
+    with attributes) and returns the dict mtx's checks read, the reconstruction as
+    ``(B, D)``. The user's own output and input are kept in :data:`LAST_CALL` for the
+    user's loss. Whatever the user's code raises, or a ``sys.exit`` in it, becomes a
+    :class:`UserCodeError` naming the spec.
 
     Set on the instance (``nn.Module.__call__`` calls ``self.forward``), so hooks,
     parameter names and the class are untouched; a bound method, so ``copy.deepcopy``
@@ -173,20 +236,41 @@ def _guard_forward(model: nn.Module, spec: str) -> None:
     forward = type(model).forward
 
     def guarded(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        rows = args[0] if len(args) == 1 and not kwargs else None
+        if not isinstance(rows, torch.Tensor):
+            rows = None
+        x = rows
+        if rows is not None and input_shape is not None:
+            try:
+                x = shape_rows(rows, input_shape)
+            except InputShapeError as e:
+                raise ModelSpecError(f"--input-shape: {e}") from e
         try:
-            out = forward(self, *args, **kwargs)
+            out = forward(self, x) if x is not None else forward(self, *args, **kwargs)
         except ModelSpecError:
             raise
         except (Exception, SystemExit) as e:
-            raise UserCodeError(f"--model {spec}: forward {_raised(e)}{_hint(e)}") from e
-        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
-            _check_output(out, args[0], f"--model {spec}")
-        return out
+            raise UserCodeError(f"--model {spec}: forward {raised(e)}{_hint(e)}") from e
+        if x is None or rows is None:
+            return out
+        try:
+            roles = output_roles(out, x)
+        except OutputRolesError as e:
+            raise ModelSpecError(f"--model {spec}: {e}") from e
+        LAST_CALL[id(self)] = (out, x)
+        named = roles.as_dict()
+        named["reconstruction"] = roles.reconstruction.reshape(rows.shape[0], -1)  # (B, D)
+        return named
 
     try:
         model.forward = types.MethodType(guarded, model)
     except (AttributeError, TypeError, RuntimeError):  # e.g. a TorchScript module: unguarded
         pass
+
+
+# The user's own output and the input it was computed from, per adapted model (by id),
+# from its latest forward: the user's loss is called with these, as they wrote it.
+LAST_CALL: dict[int, tuple[object, torch.Tensor]] = {}
 
 
 def _hint(e: BaseException) -> str:
@@ -214,30 +298,18 @@ def check_model(model: nn.Module, data: torch.Tensor, spec: str = "--model") -> 
 
 
 def _forward_failed(spec: str, data: torch.Tensor, e: BaseException) -> str:
-    what = _raised(e) if isinstance(e, SystemExit) else _brief(e)
+    what = raised(e) if isinstance(e, SystemExit) else _brief(e)
     return f"{spec}: forward failed on data of shape (B, {data.shape[1]}): {what}"
 
 
 def _check_output(out: object, x: torch.Tensor, spec: str) -> None:
-    """Refuse an output that breaks the contract; ``x`` is the input, ``(B, D)``."""
-    if not isinstance(out, dict):
+    """Refuse an output whose roles cannot be read; ``x`` is the input, ``(B, D)``."""
+    try:
+        roles = output_roles(out, x)
+    except OutputRolesError as e:
+        raise ModelSpecError(f"{spec}: {e}") from e
+    if roles.reconstruction.reshape(x.shape[0], -1).shape != x.reshape(x.shape[0], -1).shape:
         raise ModelSpecError(
-            f"{spec}: forward must return a dict with {', '.join(REQUIRED_KEYS)}, "
-            f"got {type(out).__name__}"
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in out]
-    if missing:
-        raise ModelSpecError(f"{spec}: forward's dict lacks {', '.join(missing)}")
-    rec, mu, log_var = (out[k] for k in REQUIRED_KEYS)
-    if not all(isinstance(t, torch.Tensor) for t in (rec, mu, log_var)):
-        raise ModelSpecError(f"{spec}: reconstruction, mu and log_var must be tensors")
-    if tuple(rec.shape) != tuple(x.shape):
-        raise ModelSpecError(
-            f"{spec}: reconstruction has shape {tuple(rec.shape)}, "
+            f"{spec}: reconstruction has shape {tuple(roles.reconstruction.shape)}, "
             f"expected {tuple(x.shape)} to match the data"
-        )
-    if mu.dim() != 2 or mu.shape != log_var.shape or mu.shape[0] != rec.shape[0]:
-        raise ModelSpecError(
-            f"{spec}: mu and log_var must both be (B, Z), got {tuple(mu.shape)} "
-            f"and {tuple(log_var.shape)}"
         )

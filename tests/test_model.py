@@ -153,3 +153,14 @@ def test_bad_arguments_name_the_argument(kwargs, argument):
 def test_wrong_input_shape_raises():
     with pytest.raises(ValueError, match=r"expected input of shape \(B, 10\), got \(4, 7\)"):
         MeaningVAE()(torch.rand(4, 7))
+
+
+def test_scale_fault_modes_reuse_the_fresh_eps_wrongly_scaled():
+    x = _batch()
+    fresh = MeaningVAE(seed=0)(x)
+    eps = (fresh["z"] - fresh["mu"]) * torch.exp(-0.5 * fresh["log_var"])
+    variance = MeaningVAE(seed=0, noise="exp_logvar")(x)
+    assert torch.allclose(variance["z"], variance["mu"] + torch.exp(variance["log_var"]) * eps)
+    scaled = MeaningVAE(seed=0, noise="scaled")(x)
+    sigma = torch.exp(0.5 * scaled["log_var"])
+    assert torch.allclose(scaled["z"], scaled["mu"] + sigma * 0.01 * eps, atol=1e-6)

@@ -15,7 +15,10 @@ from meaning_transform.cli.common import (
     Epochs,
     FailOn,
     Force,
+    InputShape,
     Json,
+    LossArgs,
+    LossSpec,
     Lr,
     ModelSpec,
     Plot,
@@ -43,6 +46,18 @@ def anneal_demo(
         typer.Option("--ratio", help="Cyclical only: share R of each cycle spent rising, (0, 1]."),
     ] = 0.5,
     model: ModelSpec = None,
+    loss: LossSpec = None,
+    loss_arg: LossArgs = None,
+    input_shape: InputShape = None,
+    beta_kwarg: Annotated[
+        str | None,
+        typer.Option(
+            "--beta-kwarg",
+            help="With --loss: the keyword of your loss that takes the KL weight (e.g. M_N "
+            "or beta), which the β schedule sets each epoch.",
+            show_default=False,
+        ),
+    ] = None,
     scenario: ScenarioName = "healthy",
     seed: Seed = 0,
     device: Device = "auto",
@@ -98,7 +113,13 @@ def anneal_demo(
         from meaning_transform.training import BetaSchedule
 
         beta_schedule = BetaSchedule(schedule, min_beta, max_beta, cycles, ratio)
-        dataset, factory, fault = common.prepare(opts, model, scenario)
+        if loss is not None and beta_kwarg is None:
+            raise common.UsageProblem(
+                "anneal-demo sets the KL weight each epoch: name the keyword of your --loss "
+                "that takes it with --beta-kwarg (e.g. --beta-kwarg M_N)"
+            )
+        user = common.UserCode(model, loss, tuple(loss_arg or ()), input_shape, beta_kwarg)
+        dataset, factory, fault, losses = common.prepare(opts, model, scenario, None, user)
         options = AnnealConfig(
             **common.run_options(opts, model, scenario),
             schedule=schedule,
@@ -108,7 +129,7 @@ def anneal_demo(
             ratio=ratio,
         )
         bar.begin("training", total=epochs)
-        pipeline = common.pipeline(opts, dataset, factory, fault, "mean", bar)
+        pipeline = common.pipeline(opts, dataset, factory, fault, "mean", bar, losses)
         report = run_anneal(pipeline, beta_schedule, options)
         bar.close()
         common.finish(report, opts)

@@ -66,11 +66,26 @@ def print_error(message: str) -> None:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, not a bug. Imported lazily (torch)."""
+    from meaning_transform.adapters import (
+        InputShapeError,
+        LossBindingError,
+        LossResultError,
+        OutputRolesError,
+    )
     from meaning_transform.data import DataError
     from meaning_transform.training import DeviceError
     from meaning_transform.user_model import ModelSpecError
 
-    return (UsageProblem, DataError, DeviceError, ModelSpecError)
+    return (
+        UsageProblem,
+        DataError,
+        DeviceError,
+        ModelSpecError,
+        OutputRolesError,
+        InputShapeError,
+        LossBindingError,
+        LossResultError,
+    )
 
 
 def user_message(error: BaseException) -> str | None:

@@ -15,7 +15,10 @@ from meaning_transform.cli.common import (
     Epochs,
     FailOn,
     Force,
+    InputShape,
     Json,
+    LossArgs,
+    LossSpec,
     Lr,
     ModelSpec,
     Plot,
@@ -49,6 +52,9 @@ def check_grads(
         ),
     ] = None,
     model: ModelSpec = None,
+    loss: LossSpec = None,
+    loss_arg: LossArgs = None,
+    input_shape: InputShape = None,
     scenario: ScenarioName = "healthy",
     seed: Seed = 0,
     device: Device = "auto",
@@ -94,7 +100,10 @@ def check_grads(
         from meaning_transform.studies.check_grads import run_check_grads
         from meaning_transform.studies.report import CheckGradsConfig
 
-        dataset, factory, fault = common.prepare(opts, model, scenario, semantic_weight)
+        user = common.UserCode(model, loss, tuple(loss_arg or ()), input_shape)
+        dataset, factory, fault, losses = common.prepare(
+            opts, model, scenario, semantic_weight, user
+        )
         options = CheckGradsConfig(
             **common.run_options(opts, model, scenario, reduction),
             recon_weight=recon_weight,
@@ -104,7 +113,7 @@ def check_grads(
         )
         bar.begin("training", total=epochs)
         pipeline = common.pipeline(
-            opts, dataset, factory, fault, reduction, bar, clip_grad_norm=clip
+            opts, dataset, factory, fault, reduction, bar, losses, clip_grad_norm=clip
         )
         report = run_check_grads(
             pipeline,

@@ -440,6 +440,7 @@ def pipeline(
     scenario: Any,
     reduction: str,
     on_epoch: Callable[[], None] | None,
+    losses: Any = None,
     **train_overrides: Any,
 ) -> Any:
     """The run pipeline the options describe (see ``studies.pipeline.Pipeline``)."""
@@ -452,6 +453,7 @@ def pipeline(
         model_factory=factory,
         scenario=scenario,
         on_epoch=on_epoch,
+        loss_factory=losses,
     )
 
 
@@ -501,15 +503,85 @@ ScenarioName = Annotated[
 ]
 
 
-def model_and_scenario(model_spec: str | None, scenario_name: str) -> tuple[Any, Any]:
+LossSpec = Annotated[
+    str | None,
+    typer.Option(
+        "--loss",
+        help="Your loss: FILE.py:NAME or package.module:NAME (a function, or a method as "
+        "Class.method). Called as fn(output, x), by its parameter names (recon_x, x, mu, "
+        "logvar, ...) or as fn(*output); returns a scalar, a dict of named terms (total "
+        "under 'loss' or not) or a tuple. Replaces mtx's loss entirely.",
+        show_default=False,
+    ),
+]
+LossArgs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--loss-arg",
+        help="KEY=VALUE passed to your loss by keyword on every call, e.g. M_N=0.005 "
+        "(repeatable; numbers are read as numbers).",
+        show_default=False,
+    ),
+]
+InputShape = Annotated[
+    str | None,
+    typer.Option(
+        "--input-shape",
+        help="C,H,W (or any shape): reshape each flat data row to it for your conv model; "
+        "the reconstruction is compared in that shape.",
+        show_default=False,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class UserCode:
+    """What the user brought: --model, --loss (and their options), as given."""
+
+    model: str | None = None
+    loss: str | None = None
+    loss_args: tuple[str, ...] = ()
+    input_shape: str | None = None
+    beta_kwarg: str | None = None  # the user's loss keyword a β schedule drives
+
+
+def loss_kwargs(items: tuple[str, ...]) -> dict[str, object]:
+    """``("M_N=0.005", "tag=x")`` -> ``{"M_N": 0.005, "tag": "x"}``."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UsageProblem(f"--loss-arg expects KEY=VALUE with KEY a name, got {item!r}")
+        value: object = text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    return out
+
+
+def model_and_scenario(
+    model_spec: str | None, scenario_name: str, user: UserCode | None = None
+) -> tuple[Any, Any]:
     """Resolve --model and --scenario (before any training) into (factory, scenario)."""
     from meaning_transform.scenarios import SCENARIOS
 
+    user = user or UserCode(model=model_spec)
     if scenario_name not in SCENARIOS:
         raise UsageProblem(
             f"--scenario must be one of {'|'.join(SCENARIOS)}, got {scenario_name!r}"
         )
     scenario = None if scenario_name == "healthy" else SCENARIOS[scenario_name]
+    if scenario is not None and (model_spec is not None or user.loss is not None):
+        what = "--model" if model_spec is not None else "--loss"
+        raise UsageProblem(
+            f"--scenario injects faults into the built-in model and loss; drop {what}"
+        )
+    if user.input_shape is not None and model_spec is None:
+        raise UsageProblem("--input-shape reshapes the data for your --model; give --model")
     if model_spec is None:
         # The built-in VAE is tiny: one intra-op thread is as fast alone and ~10x faster
         # when the other core is busy (OpenMP threads wait on each other).
@@ -517,18 +589,40 @@ def model_and_scenario(model_spec: str | None, scenario_name: str) -> tuple[Any,
 
         torch.set_num_threads(1)
         return None, scenario
-    if scenario is not None:
-        raise UsageProblem("--scenario injects faults into the built-in model; drop --model")
+    from meaning_transform.adapters import parse_input_shape
     from meaning_transform.user_model import load_model_factory
 
-    return load_model_factory(model_spec), None
+    shape = None
+    if user.input_shape is not None:
+        try:
+            shape = parse_input_shape(user.input_shape)
+        except ValueError as e:
+            raise UsageProblem(f"--input-shape: {e}") from e
+    return load_model_factory(model_spec, shape), None
+
+
+def loss_factory(user: UserCode) -> Any:
+    """Resolve --loss (before any training) into a per-model loss factory, or None."""
+    if user.loss is None:
+        if user.loss_args:
+            raise UsageProblem("--loss-arg passes keywords to your --loss; give --loss")
+        return None
+    from meaning_transform.user_model import load_loss_factory
+
+    return load_loss_factory(user.loss, loss_kwargs(user.loss_args), user.beta_kwarg)
 
 
 def checked_model(
-    factory: Any, dataset: Any, opts: CommonOptions, spec: str | None, scenario: Any = None
+    factory: Any,
+    dataset: Any,
+    opts: CommonOptions,
+    spec: str | None,
+    scenario: Any = None,
+    losses: Any = None,
 ) -> None:
     """Build the model once on the data: the user's is checked against the output
-    contract; either must be able to train on the batches --batch-size gives."""
+    contract, the user's loss on its output; either model must be able to train on the
+    batches --batch-size gives."""
     if factory is not None:
         from meaning_transform.user_model import check_model
 
@@ -539,6 +633,10 @@ def checked_model(
 
         model = default_model(dataset.n_features, opts.seed, dataset.tensor, scenario)
     check_batch_size(model, opts.batch_size, int(dataset.tensor.shape[0]))
+    if losses is not None:
+        from meaning_transform.user_model import check_loss
+
+        check_loss(losses(model), model, dataset.tensor)
 
 
 def prepare(
@@ -546,20 +644,23 @@ def prepare(
     model_spec: str | None,
     scenario_name: str,
     semantic_weight: float | None = None,
-) -> tuple[Any, Any, Any]:
-    """Resolve --model/--scenario, load or make the data, check the model on it.
+    user: UserCode | None = None,
+) -> tuple[Any, Any, Any, Any]:
+    """Resolve --model/--loss/--scenario, load or make the data, check both on it.
 
-    Returns ``(dataset, model_factory or None, scenario or None)``. An explicit
-    ``semantic_weight`` > 0 needs the 10-feature agent-state layout.
+    Returns ``(dataset, model_factory or None, scenario or None, loss_factory or None)``.
+    An explicit ``semantic_weight`` > 0 needs the 10-feature agent-state layout.
     """
     from meaning_transform.studies.setup import get_data
 
-    factory, scenario = model_and_scenario(model_spec, scenario_name)
+    user = user or UserCode(model=model_spec)
+    factory, scenario = model_and_scenario(model_spec, scenario_name, user)
+    losses = loss_factory(user)
     dataset = get_data(opts.data, seed=opts.seed, scenario=scenario)
-    checked_model(factory, dataset, opts, model_spec, scenario)
+    checked_model(factory, dataset, opts, model_spec, scenario, losses)
     if semantic_weight and not dataset.agent_layout:
         raise UsageProblem(
             f"--semantic-weight needs the agent-state layout (10 features per row), "
             f"the data has {dataset.n_features}; use --semantic-weight 0"
         )
-    return dataset, factory, scenario
+    return dataset, factory, scenario, losses

@@ -14,7 +14,10 @@ from meaning_transform.cli.common import (
     Epochs,
     FailOn,
     Force,
+    InputShape,
     Json,
+    LossArgs,
+    LossSpec,
     Lr,
     ModelSpec,
     Plot,
@@ -54,6 +57,18 @@ def debug_extended(
     fail_on: FailOn = "error",
     force: Force = False,
     model: ModelSpec = None,
+    loss: LossSpec = None,
+    loss_arg: LossArgs = None,
+    input_shape: InputShape = None,
+    beta_kwarg: Annotated[
+        str | None,
+        typer.Option(
+            "--beta-kwarg",
+            help="With --loss: the keyword of your loss that takes the KL weight (e.g. M_N "
+            "or beta), which the β schedule sets each epoch.",
+            show_default=False,
+        ),
+    ] = None,
     scenario: ScenarioName = "healthy",
 ) -> None:
     """The deep look: inspect, probe and briefly train a VAE per data kind.
@@ -100,21 +115,28 @@ def debug_extended(
         )
         from meaning_transform.studies.report import DebugExtendedConfig
 
-        factory, fault = common.model_and_scenario(model, scenario)
+        if loss is not None and beta_kwarg is None:
+            raise common.UsageProblem(
+                "debug-extended's annealing run sets the KL weight each epoch: name the "
+                "keyword of your --loss that takes it with --beta-kwarg (e.g. --beta-kwarg M_N)"
+            )
+        user = common.UserCode(model, loss, tuple(loss_arg or ()), input_shape, beta_kwarg)
+        factory, fault = common.model_and_scenario(model, scenario, user)
+        losses = common.loss_factory(user)
         sizes = {} if samples is None else {"n": samples}
         datasets = extended_datasets(data_kind, data, seed=seed, scenario=fault, **sizes)
         n = int(datasets[0].tensor.shape[0])
         if n < 2:
             raise common.UsageProblem(f"the data has {n} sample(s); need at least 2")
         for dataset in datasets:
-            common.checked_model(factory, dataset, opts, model, fault)
+            common.checked_model(factory, dataset, opts, model, fault, losses)
         options = DebugExtendedConfig(
             **common.run_options(opts, model, scenario, reduction),
             data_kind="file" if data is not None else data_kind,
             samples=n,
         )
         bar.begin("debugging", total=2 * epochs * len(datasets))  # main + annealing run
-        pipeline = common.pipeline(opts, datasets[0], factory, fault, reduction, bar)
+        pipeline = common.pipeline(opts, datasets[0], factory, fault, reduction, bar, losses)
         report = run_debug_extended(lambda d: replace(pipeline, dataset=d), datasets, options)
         bar.close()
         common.finish(report, opts)

@@ -14,7 +14,10 @@ from meaning_transform.cli.common import (
     Epochs,
     FailOn,
     Force,
+    InputShape,
     Json,
+    LossArgs,
+    LossSpec,
     Lr,
     ModelSpec,
     Plot,
@@ -40,6 +43,9 @@ def debug_loss(
         int, typer.Option("--every", help="A table every K epochs (0 = about five tables).")
     ] = 0,
     model: ModelSpec = None,
+    loss: LossSpec = None,
+    loss_arg: LossArgs = None,
+    input_shape: InputShape = None,
     scenario: ScenarioName = "healthy",
     seed: Seed = 0,
     device: Device = "auto",
@@ -91,7 +97,17 @@ def debug_loss(
                     base.semantic if semantic_weight is None else semantic_weight,
                 ),
             )
-        dataset, factory, fault = common.prepare(opts, model, scenario, semantic_weight)
+        user = common.UserCode(model, loss, tuple(loss_arg or ()), input_shape)
+        if loss is not None:
+            if (kl_weight, recon_weight, semantic_weight) != (None, None, None):
+                raise common.UsageProblem(
+                    "--kl-weight/--recon-weight/--semantic-weight weigh mtx's own loss; "
+                    "--loss replaces it (pass your weights with --loss-arg)"
+                )
+            configs = (WeightConfig(loss.rpartition(":")[2], 1.0, 1.0, 0.0),)
+        dataset, factory, fault, losses = common.prepare(
+            opts, model, scenario, semantic_weight, user
+        )
         options = DebugLossConfig(
             **common.run_options(opts, model, scenario, reduction),
             recon_weight=recon_weight,
@@ -100,7 +116,7 @@ def debug_loss(
             every=every,
         )
         bar.begin("training", total=epochs * len(configs))
-        pipeline = common.pipeline(opts, dataset, factory, fault, reduction, bar)
+        pipeline = common.pipeline(opts, dataset, factory, fault, reduction, bar, losses)
         report = run_debug_loss(pipeline, configs, options)
         bar.close()
         common.finish(report, opts)

@@ -118,8 +118,12 @@ def pct(x: float | None) -> str:
 
 
 def weights_text(weights: Mapping[str, float]) -> str:
-    """``1/0.1/0.5``: the reconstruction/KL/semantic weights."""
-    return "/".join(f"{weights.get(k, 0.0):g}" for k in ("reconstruction", "kl", "semantic"))
+    """``1/0.1/0.5``: mtx's reconstruction/KL/semantic weights; for the user's own loss
+    the weights given by term name (``KLD=0.005``), or ``own`` when none was given."""
+    mtx_names = ("reconstruction", "kl", "semantic")
+    if not set(weights) & set(mtx_names):
+        return ", ".join(f"{k}={v:g}" for k, v in weights.items()) or "own"
+    return "/".join(f"{weights.get(k, 0.0):g}" for k in mtx_names)
 
 
 def flags_text(flags: Iterable[str]) -> Text:

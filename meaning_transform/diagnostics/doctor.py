@@ -12,10 +12,11 @@ the built-in loop uses, so every command and every user sees the same findings::
             optimizer.step()
     findings = doctor.findings(data=x_all)            # hooks are gone here
 
-Per step it records the loss terms, a fingerprint of the reparameterisation noise,
-and every ``attribute_every`` steps the per-term gradient attribution; the gradient
-statistics come from post-accumulate-grad hooks during ``backward``. At the end,
-given data, it measures latent health and dead ReLU units.
+Per step it records the loss terms, the reparameterisation noise (fresh? standard
+normal? see :mod:`~meaning_transform.diagnostics.noise`), and every ``attribute_every``
+steps the per-term gradient attribution; the gradient statistics come from
+post-accumulate-grad hooks during ``backward``. At the end, given data, it measures
+latent health and dead ReLU units.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meaning_transform.constants import COMPONENTS
+from meaning_transform.adapters import LossResult, output_roles, read_loss_result
 from meaning_transform.diagnostics.attribution import (
     Attribution,
     AttributionSummary,
@@ -35,12 +36,50 @@ from meaning_transform.diagnostics.attribution import (
     summarise_attributions,
     term_attribution,
 )
-from meaning_transform.diagnostics.findings import Finding
+from meaning_transform.diagnostics.findings import Finding, NotChecked
 from meaning_transform.diagnostics.gradients import GradientHooks, dead_units
+from meaning_transform.diagnostics.history import EpochHistory
 from meaning_transform.diagnostics.latent import encode_means, latent_health
-from meaning_transform.diagnostics.rules import RunEvidence, evaluate
+from meaning_transform.diagnostics.noise import NoiseRecorder
+from meaning_transform.diagnostics.rules import RunEvidence, evaluate, noise_verdict, not_checked
 
-NOISE_PROBE = 32  # noise values kept per step to tell fresh noise from frozen noise
+
+class Findings(tuple[Finding, ...]):
+    """The Doctor's findings, worst first (a tuple), and ``not_checked``: the checks that
+    could not run on what the Doctor saw, each with its reason. No silent skips."""
+
+    not_checked: tuple[NotChecked, ...]
+
+    def __new__(cls, findings: list[Finding], skipped: tuple[NotChecked, ...]) -> Findings:
+        self = super().__new__(cls, findings)
+        self.not_checked = skipped
+        return self
+
+
+def _roles_dict(output: object, x: torch.Tensor | None) -> Mapping[str, torch.Tensor]:
+    """The output's roles as the dict the checks read (a dict output is used as is)."""
+    if isinstance(output, Mapping) and {"mu", "log_var"} <= set(output):
+        return output
+    if x is None and not isinstance(output, Mapping):
+        raise TypeError(
+            f"Doctor.step got a {type(output).__name__} output: pass the batch x too, so "
+            "its roles can be told apart (or return a dict)"
+        )
+    return output_roles(output, x if x is not None else torch.empty(0)).as_dict()
+
+
+def _loss_dict(loss: object, weights: Mapping[str, float] | None) -> Mapping[str, Any]:
+    """Any loss return as the dict form mtx's losses return (``loss``, ``terms``, ...)."""
+    if isinstance(loss, Mapping) and "loss" in loss and "terms" in loss:
+        return loss  # mtx's own CombinedLoss, or a LossStep
+    result = loss if isinstance(loss, LossResult) else read_loss_result(loss, weights)
+    return {
+        "loss": result.total,
+        "terms": dict(result.terms),
+        "weights": dict(result.weights),
+        "floors_engaged": (),
+        "non_finite": (),
+    }
 
 
 class Doctor:
@@ -48,7 +87,8 @@ class Doctor:
 
     Args:
         model: the VAE; ``forward(x)`` returns ``reconstruction``, ``mu``, ``log_var``
-            (and ``z`` for the noise check).
+            and ideally ``z`` (the noise-scale check needs it; without it the frozen-noise
+            check runs the step's batch twice more on a few steps, see ``noise.py``).
         where: the name findings are reported under.
         attribute_every: per-term gradient attribution every k steps (0 = never). Each
             attribution costs one extra backward pass per term.
@@ -56,6 +96,9 @@ class Doctor:
             (see :func:`~meaning_transform.diagnostics.attribution.term_attribution`).
         semantic_features: also attribute each semantic feature, which is how a
             feature with no gradient path (the original's hard thresholds) is found.
+        steps_per_epoch: in a user's loop, close an epoch of the Doctor's own history
+            every k steps (None: call :meth:`epoch_end` at each epoch's end; a history
+            with no epoch closed is one epoch).
     """
 
     def __init__(
@@ -65,6 +108,7 @@ class Doctor:
         attribute_every: int = 1,
         attribution_method: Method = "loop",
         semantic_features: bool = True,
+        steps_per_epoch: int | None = None,
     ) -> None:
         if attribute_every < 0:
             raise ValueError(f"attribute_every must be >= 0, got {attribute_every}")
@@ -79,7 +123,11 @@ class Doctor:
         self.input_non_finite = 0
         self.reduction: dict[str, str] = {}
         self.steps = 0
-        self._noise: list[torch.Tensor] = []
+        self.noise = NoiseRecorder()
+        self.history = EpochHistory(steps_per_epoch)
+        self._epoch_start = 0  # index into hooks.history where the open epoch began
+        self._example_input = False
+        self.detached_terms = False  # the loss's terms were all detached copies
 
     # ---- lifecycle: the gradient hooks live between attach() and close() ----
     def attach(self) -> Doctor:
@@ -104,40 +152,76 @@ class Doctor:
     # ---- per step ----
     def step(
         self,
-        output: Mapping[str, torch.Tensor],
-        result: Mapping[str, Any],
+        output: object,
+        loss: object,
         x: torch.Tensor | None = None,
+        weights: Mapping[str, float] | None = None,
+        reduction: Mapping[str, str] | None = None,
     ) -> None:
-        """Record one step. Call after the loss, before ``backward`` (it reads the graph)."""
+        """Record one step. Call after the loss, before ``backward`` (it reads the graph).
+
+        Args:
+            output: the model's output in any form mtx reads (a dict with the usual
+                aliases, a tuple or list such as ``(recon, mu, logvar)``, an object with
+                attributes; see :func:`~meaning_transform.adapters.output_roles`).
+            loss: what the loss returned: one scalar tensor, a dict of named scalar terms
+                (with or without a total under ``"loss"``), a tuple of scalars, a
+                :class:`~meaning_transform.adapters.LossResult`, or mtx's own loss result.
+            x: the batch the model was given (needed for a tuple output and for the
+                noise probe of a model that returns no ``z``).
+            weights: the weights of named terms that the loss weighs (others count 1).
+            reduction: ``"sum"`` or ``"mean"`` per term, when known (the CLI measures it).
+        """
+        roles = _roles_dict(output, x)
+        result = _loss_dict(loss, weights)
         if x is not None:
             self.input_non_finite += int((~torch.isfinite(x)).sum())
-        self.reduction = dict(result.get("reduction", self.reduction))
-        self._record_noise(output)
+            if not self._example_input:  # forward order of layers, for first/last ratios
+                self._example_input = True
+                self.hooks.set_example_input(x[:8])
+        self.reduction = dict(reduction or result.get("reduction", self.reduction))
+        self._record_noise(roles, x)
         if self.attribute_every and self.steps % self.attribute_every == 0:
             self._attribute(result)
+        self.history.add_step(result)
         self.steps += 1
+        if self.history.due():
+            self.epoch_end()
+
+    def epoch_end(self) -> None:
+        """Close an epoch of the Doctor's own history (a user's loop calls it per epoch)."""
+        snapshots = self.hooks.history[self._epoch_start :]
+        self._epoch_start = len(self.hooks.history)
+        self.history.end_epoch([s.total_norm for s in snapshots])
 
     def before_backward(self, ctx: Any) -> None:
         """The built-in training loop's callback hook (see ``training.StepCallback``)."""
         self.attach()
         self.step(ctx.output, ctx.loss, ctx.batch)
 
-    def _record_noise(self, output: Mapping[str, torch.Tensor]) -> None:
-        """Keep the standardised noise eps = (z - mu) / sigma of a few entries."""
-        if not self.model.training or not {"z", "mu", "log_var"} <= set(output):
+    def _record_noise(self, output: Mapping[str, torch.Tensor], x: torch.Tensor | None) -> None:
+        """The step's noise from (mu, log_var, z); without z, now and then two extra passes."""
+        if not self.model.training or "mu" not in output or "log_var" not in output:
             return
-        z, mu, log_var = (output[k].detach() for k in ("z", "mu", "log_var"))
-        eps = ((z - mu) * torch.exp(-0.5 * log_var)).flatten()[:NOISE_PROBE]  # (<=32,)
-        self._noise.append(eps.cpu())
+        if self.noise.record(output["mu"], output["log_var"], output.get("z")):
+            return
+        if x is not None and "reconstruction" in output and self.noise.probe_due():
+            model = self.model
+            self.noise.probe(model, lambda: _roles_dict(model(x), x)["reconstruction"])
 
     def _attribute(self, result: Mapping[str, Any]) -> None:
         terms_in = result.get("terms", {})
         weights_in = result.get("weights", {})
         terms: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
+        if terms_in and not any(t.requires_grad for t in terms_in.values()):
+            # every term detached: copies for logging (AntixK's loss_function does this),
+            # the total carries the gradient. Nothing to attribute; not a fault.
+            self.detached_terms = True
+            return
         for name, t in terms_in.items():
             main = "/" not in name
-            if main and (name not in COMPONENTS or weights_in.get(name, 1.0) == 0.0):
+            if main and weights_in.get(name, 1.0) == 0.0:
                 continue
             if not main and not self.semantic_features:
                 continue
@@ -160,12 +244,9 @@ class Doctor:
 
     # ---- at the end ----
     def noise_changed(self) -> bool | None:
-        """False when consecutive steps drew identical noise (frozen); None if unknown."""
-        pairs = [(a, b) for a, b in zip(self._noise, self._noise[1:]) if a.shape == b.shape]
-        if not pairs:
-            return None
-        # eps is recovered from z, mu and sigma, so equal noise matches to rounding only
-        return any(not torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in pairs)
+        """True when the noise was fresh, False when it repeated; None if not comparable."""
+        verdict = noise_verdict(self.noise.repeats())
+        return None if verdict is None else verdict == "fresh"
 
     def evidence(
         self,
@@ -191,17 +272,30 @@ class Doctor:
             term_values=tuple(self.term_values),
             latent=latent,
             dead_units=dead,
-            noise_changed=self.noise_changed(),
+            noise_repeats=self.noise.repeats(),
+            noise_scale=self.noise.scale(),
             input_non_finite=self.input_non_finite,
         )
+
+    def records(self) -> tuple[Any, ...]:
+        """The Doctor's own epoch history (an open epoch is closed first)."""
+        if self.history.open_steps:
+            self.epoch_end()
+        return tuple(self.history.records)
 
     def findings(
         self,
         records: tuple[Any, ...] = (),
         data: torch.Tensor | None = None,
         batch_size: int = 0,
-    ) -> list[Finding]:
-        return evaluate(self.evidence(records, data, batch_size))
+    ) -> Findings:
+        """The findings, worst first, with ``.not_checked``: the checks that could not run.
+
+        Without ``records`` the Doctor's own epoch history is used, so every rule runs in
+        a user's loop with nothing built by hand.
+        """
+        evidence = self.evidence(records or self.records(), data, batch_size)
+        return Findings(evaluate(evidence), tuple(not_checked(evidence)))
 
     def summary(self) -> AttributionSummary | None:
         """Attribution averaged over the attributed steps (None before any attribution)."""

@@ -8,8 +8,16 @@ Three ways in, one result type (:class:`GradientSnapshot`):
 - :class:`GradientHooks` captures the same statistics from inside ``backward()`` through
   post-accumulate-grad hooks, for loops we do not control.
 
-:func:`dead_units` (never-active ReLU units) lives here too because the dying-ReLU rule
-reads it next to the gradient statistics.
+``first_last_ratio`` compares the first and the last weight-bearing layer
+(:data:`WEIGHTED_LAYERS`: Linear, Conv and ConvTranspose). Given an example input
+(``example_input=`` or ``set_example_input``), they are the first and last such layer to
+run in one probe forward pass, made once, in eval mode under ``no_grad`` with the RNG
+forked (see :func:`forward_order`); without one, the first and last in registration order,
+which is wrong for a model that registers its layers out of order. The snapshot says which
+(``layer_order``).
+
+:func:`dead_units` (never-active ReLU-family units) lives in :mod:`.activations` and is
+re-exported here.
 
 Every per-parameter number is computed on the parameter's device, all of them are stacked
 into one tensor, and that tensor crosses to the host with a single ``.cpu().tolist()``.
@@ -34,7 +42,7 @@ parameter's sum of squares non-finite, and only such parameters are counted exac
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from types import TracebackType
 from typing import Literal
@@ -42,10 +50,23 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from meaning_transform.diagnostics._modes import evaluating
+from meaning_transform.diagnostics.activations import dead_units as dead_units
+from meaning_transform.diagnostics.activations import measuring
 
 Detail = Literal["full", "lean"]
 DETAILS: tuple[str, ...] = ("full", "lean")
+LayerOrder = Literal["forward", "registration"]
+# The layers first_last_ratio compares: the first one to touch the input, the last one to
+# produce the output.
+WEIGHTED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 
 # Columns of the per-parameter block built on the device (one row per parameter): sums over
 # the gradient's entries, from which the host derives mean, std, norm and fractions.
@@ -93,20 +114,24 @@ class GradientSnapshot:
 
     ``total_norm`` is the 2-norm of the per-parameter 2-norms over parameters that have a
     gradient: the number ``torch.nn.utils.clip_grad_norm_(params, max_norm=inf)`` returns.
-    ``first_last_ratio`` is ``norm(first Linear weight grad) / norm(last Linear weight
-    grad)`` in module registration order (AUTOTRAINER's vanishing/exploding signal); it is
-    ``None`` with fewer than two Linear layers, when either has no gradient, or when the
-    last one's gradient norm is zero or not finite.
+    ``first_last_ratio`` is ``norm(first layer's weight grad) / norm(last layer's weight
+    grad)`` over the trainable weight-bearing layers (:data:`WEIGHTED_LAYERS`), AUTOTRAINER's
+    vanishing/exploding signal. ``layer_order`` says how first and last were found:
+    ``"forward"``, the first and last to run in a probe forward pass on an example input;
+    ``"registration"``, the first and last in module registration order (no example input
+    was given). The ratio is ``None`` with fewer than two such layers, when either has no
+    gradient, or when the last one's gradient norm is zero or not finite.
     """
 
     params: tuple[ParamGradStats, ...]
     total_norm: float
     missing: tuple[str, ...]  # require grad, but .grad is None (not reached by the loss)
     first_last_ratio: float | None
-    first_layer: str | None  # name of the first Linear weight
-    last_layer: str | None  # name of the last Linear weight
+    first_layer: str | None  # name of the first weight-bearing layer's weight
+    last_layer: str | None  # name of the last weight-bearing layer's weight
     step: int | None = None  # filled in by GradientMonitor / GradientHooks
     detail: str = "full"  # "full" or "lean" (which fields were measured)
+    layer_order: LayerOrder = "registration"  # how first/last were found
 
     def param(self, name: str) -> ParamGradStats:
         """The statistics of the parameter called ``name``."""
@@ -128,17 +153,52 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def _linear_ends(model: nn.Module) -> tuple[str | None, str | None]:
-    """Names of the first and last trainable ``nn.Linear`` weights in registration order."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    linear = [
-        names[id(m.weight)]
-        for m in model.modules()
-        if isinstance(m, nn.Linear) and m.weight.requires_grad and id(m.weight) in names
-    ]
-    if not linear:
+def _is_weighted(module: nn.Module) -> bool:
+    return isinstance(module, WEIGHTED_LAYERS) and isinstance(
+        getattr(module, "weight", None), nn.Parameter
+    )
+
+
+def forward_order(model: nn.Module, example_input: Tensor) -> tuple[nn.Module, ...]:
+    """The weight-bearing layers of ``model`` in the order they ran on ``example_input``.
+
+    One entry per call (a layer called twice appears twice). One forward pass in eval mode
+    under ``no_grad``, the RNG forked and restored, each module's mode restored and the
+    hooks removed, so the caller's training is not perturbed. A few samples are enough:
+    only the order is kept. An error of the model's own forward propagates.
+    """
+    calls: list[nn.Module] = []
+
+    def note(module: nn.Module, args: object, output: object) -> None:
+        calls.append(module)
+
+    handles = [m.register_forward_hook(note) for m in model.modules() if _is_weighted(m)]
+    device = next((p.device for p in model.parameters()), example_input.device)
+    try:
+        with measuring(model, example_input):
+            model(example_input.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(calls)
+
+
+def _layer_ends(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    order: tuple[nn.Module, ...] | None,
+) -> tuple[str | None, str | None]:
+    """Names of the first and last weights, among ``named``, of weight-bearing layers.
+
+    In ``order`` (layers as they ran, see :func:`forward_order`), or in registration order
+    when ``order`` is None. Frozen layers are not in ``named``, so they are skipped.
+    """
+    names = {id(p): name for name, p in named}
+    layers = [m for m in model.modules() if _is_weighted(m)] if order is None else order
+    weights = [names[id(m.weight)] for m in layers if id(m.weight) in names]
+    if not weights:
         return None, None
-    return linear[0], linear[-1]
+    return weights[0], weights[-1]
 
 
 @dataclass(frozen=True)
@@ -148,26 +208,35 @@ class _Layout:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     numels: tuple[int, ...]
-    ends: tuple[str | None, str | None]  # first and last Linear weight (see _linear_ends)
+    ends: tuple[str | None, str | None]  # first and last layer weight (see _layer_ends)
     ends_index: tuple[int | None, int | None]  # their positions in ``names``
+    layer_order: LayerOrder  # how ``ends`` were found
 
 
 class _LayoutCache:
     """The :class:`_Layout`, rebuilt only when the parameters (or their shapes) change.
 
     Walking the module tree and reading names and shapes costs about as much as a
-    reduction, so a monitor does it once rather than every step.
+    reduction, so a monitor does it once rather than every step. The forward order of the
+    layers (:func:`forward_order`) is probed once, when it is given, and kept across
+    rebuilds; None means registration order.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, order: tuple[nn.Module, ...] | None = None) -> None:
         self._key: tuple[tuple[int, torch.Size], ...] | None = None
         self._layout: _Layout | None = None
+        self._order = order
+
+    def set_order(self, order: tuple[nn.Module, ...] | None) -> None:
+        """Use this forward order of the layers (None: registration order) from now on."""
+        self._order = order
+        self._layout = None
 
     def __call__(self, model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> _Layout:
         key = tuple((id(p), p.shape) for _, p in named)
         if key != self._key or self._layout is None:
             names = tuple(name for name, _ in named)
-            ends = _linear_ends(model)
+            ends = _layer_ends(model, named, self._order)
             self._key = key
             self._layout = _Layout(
                 names=names,
@@ -178,6 +247,7 @@ class _LayoutCache:
                     names.index(ends[0]) if ends[0] in names else None,
                     names.index(ends[1]) if ends[1] in names else None,
                 ),
+                layer_order="registration" if self._order is None else "forward",
             )
         return self._layout
 
@@ -493,6 +563,7 @@ def _assemble(
         last_layer=layout.ends[1],
         step=step,
         detail=detail,
+        layer_order=layout.layer_order,
     )
 
 
@@ -503,6 +574,7 @@ def gradient_snapshot(
     model: nn.Module,
     update_before: dict[str, Tensor] | None = None,
     detail: Detail = "full",
+    example_input: Tensor | None = None,
 ) -> GradientSnapshot:
     """Statistics of every trainable parameter's ``.grad``, with one host copy.
 
@@ -517,13 +589,18 @@ def gradient_snapshot(
             ``||w_now - w_before|| / ||w_before||``.
         detail: ``"full"`` (every field) or ``"lean"`` (norm, zero fraction and
             non-finite count only; cheaper, see the module docstring).
+        example_input: a few samples the model accepts; when given, the first and last
+            layer of ``first_last_ratio`` are found in one extra forward pass on them
+            (:func:`forward_order`) instead of by registration order.
 
     Example:
         >>> loss.backward()
-        >>> snap = gradient_snapshot(model)
-        >>> snap.total_norm, snap.missing
+        >>> snap = gradient_snapshot(model, example_input=x[:4])
+        >>> snap.total_norm, snap.missing, snap.first_layer
     """
-    return _snapshot(model, update_before, None, _check_detail(detail), _LayoutCache())
+    checked = _check_detail(detail)
+    order = None if example_input is None else forward_order(model, example_input)
+    return _snapshot(model, update_before, None, checked, _LayoutCache(order))
 
 
 def _snapshot(
@@ -597,11 +674,17 @@ class GradientMonitor:
     updates (and one more on a step whose gradient holds NaN/Inf, to count them).
     ``history`` holds only CPU data (frozen dataclasses of floats). ``detail="lean"``
     records only norms, zero fractions and non-finite counts, for about a third of the
-    cost (see the module docstring).
+    cost (see the module docstring). ``example_input`` (or :meth:`set_example_input`)
+    makes ``first_last_ratio`` compare the first and last layer to run on it rather than
+    the first and last registered.
     """
 
     def __init__(
-        self, model: nn.Module, track_updates: bool = False, detail: Detail = "full"
+        self,
+        model: nn.Module,
+        track_updates: bool = False,
+        detail: Detail = "full",
+        example_input: Tensor | None = None,
     ) -> None:
         self.model = model
         self.track_updates = track_updates
@@ -614,6 +697,19 @@ class GradientMonitor:
         # Walking the module tree costs about as much as a reduction: do it once. Parameters
         # registered after construction are not monitored (as with GradientHooks).
         self._registered = list(model.named_parameters())
+        self.set_example_input(example_input)
+
+    def set_example_input(self, example_input: Tensor | None) -> None:
+        """Find the first and last layer by one forward pass on ``example_input`` now.
+
+        Later snapshots use them (``layer_order="forward"``); None goes back to
+        registration order. Costs one forward in eval mode under ``no_grad`` (see
+        :func:`forward_order`). It may run between a step's forward and its backward: the
+        probe leaves the pending graph alone unless the model's forward writes to its own
+        parameters or buffers in eval mode.
+        """
+        order = None if example_input is None else forward_order(self.model, example_input)
+        self._layouts.set_order(order)
 
     def before_step(self) -> None:
         """Copy the current weights (only when ``track_updates``) to measure the update."""
@@ -672,13 +768,18 @@ class GradientHooks:
     ``.grad`` — what the optimizer will use — and so that ``torch.autograd.grad`` calls
     (e.g. per-term attribution) are not recorded as training steps.
 
+    ``example_input`` (or :meth:`set_example_input`) makes ``first_last_ratio`` compare
+    the first and last layer to run on it rather than the first and last registered.
+
     Example:
-        >>> with GradientHooks(model) as hooks:
+        >>> with GradientHooks(model, example_input=x[:4]) as hooks:
         ...     loss.backward()
         >>> hooks.history[-1].total_norm
     """
 
-    def __init__(self, model: nn.Module, detail: Detail = "full") -> None:
+    def __init__(
+        self, model: nn.Module, detail: Detail = "full", example_input: Tensor | None = None
+    ) -> None:
         self.model = model
         self.detail = _check_detail(detail)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -689,6 +790,19 @@ class GradientHooks:
         self._unread: list[tuple[list[int], Tensor, _Layout]] = []
         self._history: list[GradientSnapshot] = []
         self._callback_queued = False
+        self.set_example_input(example_input)
+
+    def set_example_input(self, example_input: Tensor | None) -> None:
+        """Find the first and last layer by one forward pass on ``example_input`` now.
+
+        Backward passes recorded from now on use them (``layer_order="forward"``); None
+        goes back to registration order. Costs one forward in eval mode under ``no_grad``
+        (see :func:`forward_order`). It may run between a step's forward and its backward:
+        the probe leaves the pending graph alone unless the model's forward writes to its
+        own parameters or buffers in eval mode.
+        """
+        order = None if example_input is None else forward_order(self.model, example_input)
+        self._layouts.set_order(order)
 
     def __enter__(self) -> GradientHooks:
         for index, (_, p) in enumerate(self._named):
@@ -763,59 +877,3 @@ class GradientHooks:
             pass_rows = rows[k * per_pass : (k + 1) * per_pass]
             self._history.append(_assemble(layout, has_grad, pass_rows, self.detail, step))
         self._unread = []
-
-
-# --------------------------------------------------------------------------- dead units
-
-
-def _iter_batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, x.shape[0], batch_size):
-        yield x[start : start + batch_size]
-
-
-def dead_units(model: nn.Module, x: Tensor, batch_size: int = 1024) -> dict[str, float]:
-    """Fraction of each ReLU layer's units that are never active on ``x``.
-
-    A unit is dead when its output is ``<= 0`` for every sample in ``x``. Units are the
-    entries of the layer output flattened past the batch dimension (the features of an
-    MLP layer). Runs in eval mode under ``no_grad`` (BatchNorm uses its running
-    statistics), restores each module's mode afterwards, and removes its forward hooks.
-    Only ``nn.ReLU`` modules are seen; a functional ``F.relu`` is not. The dying-ReLU rule
-    fires at a fraction >= 0.7.
-
-    Returns:
-        ``{module name: dead fraction}`` in registration order; empty without ReLU modules.
-    """
-    relus = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
-    if not relus:
-        return {}
-    ever_active: dict[str, Tensor] = {}
-
-    def record(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            active = (output.flatten(1) > 0).any(dim=0)  # (units,)
-            seen = ever_active.get(name)
-            ever_active[name] = active if seen is None else seen | active
-
-        return hook
-
-    handles = [m.register_forward_hook(record(name)) for name, m in relus]
-    device = next((p.device for p in model.parameters()), x.device)
-    try:
-        with evaluating(model), torch.no_grad():
-            for batch in _iter_batches(x, batch_size):
-                model(batch.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    names = [name for name, _ in relus if name in ever_active]
-    if not names:
-        return {}
-    fractions = (
-        torch.stack([1.0 - ever_active[name].to(torch.float32).mean() for name in names])
-        .cpu()
-        .tolist()
-    )  # one host copy
-    return dict(zip(names, fractions, strict=True))

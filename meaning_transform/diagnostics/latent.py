@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from meaning_transform.adapters import output_roles
 from meaning_transform.diagnostics._modes import evaluating
 from meaning_transform.losses.kl import kl_per_dim as kl_per_dimension
 
@@ -135,9 +136,10 @@ def encode_means(model: nn.Module, x: Tensor, batch_size: int = 1024) -> tuple[T
     mus, log_vars = [], []
     with evaluating(model), torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            out = model(x[start : start + batch_size].to(device))
-            mus.append(out["mu"])
-            log_vars.append(out["log_var"])
+            rows = x[start : start + batch_size].to(device)
+            roles = output_roles(model(rows), rows)  # any output form (tuple, object, ...)
+            mus.append(roles.mu)
+            log_vars.append(roles.log_var)
     if not mus:
         raise ValueError(f"expected at least one sample, got x of shape {tuple(x.shape)}")
     return torch.cat(mus), torch.cat(log_vars)  # (N, Z), (N, Z)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from meaning_transform.diagnostics.findings import (
     Finding,
@@ -30,6 +30,13 @@ from meaning_transform.diagnostics.thresholds import (
     EXPLODING_RATIO,
     NO_GRAD_MIN_VALUE,
     NO_GRAD_RELATIVE,
+    NOISE_EXPONENT_MAX_SE,
+    NOISE_EXPONENT_TOLERANCE,
+    NOISE_FRESH_SHARE,
+    NOISE_MEAN_MAX,
+    NOISE_MIN_SAMPLES,
+    NOISE_STD_HIGH,
+    NOISE_STD_LOW,
     OSC_RISE,
     OSC_RISE_SHARE,
     OSC_SPIKE,
@@ -43,7 +50,11 @@ from meaning_transform.diagnostics.thresholds import (
     ZERO_VALUE,
 )
 
+if TYPE_CHECKING:  # plain data; importing the module would import torch
+    from meaning_transform.diagnostics.noise import NoiseRepeats, NoiseScale
+
 Rule = Callable[["RunEvidence"], list[Finding]]
+NoiseVerdict = Literal["frozen", "repeating", "fresh"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,8 @@ class RunEvidence:
     term_values: tuple[dict[str, float], ...] = ()  # unweighted term values, same steps
     latent: Any = None  # latent.LatentHealth at the end of training
     dead_units: dict[str, float] | None = None  # ReLU module -> fraction never active
-    noise_changed: bool | None = None  # did two train-mode passes draw different z?
+    noise_repeats: NoiseRepeats | None = None  # pairs of noise draws, how many the same
+    noise_scale: NoiseScale | None = None  # recovered eps pooled over train-mode steps
     input_non_finite: int | None = None  # NaN/Inf count in the training data
 
 
@@ -120,7 +132,8 @@ def nonfinite_loss(ev: RunEvidence) -> list[Finding]:
 def zero_loss(ev: RunEvidence) -> list[Finding]:
     """A component at the 1e-8 floor (or at zero) while its weight is on."""
     found: list[Finding] = []
-    for name in ("reconstruction", "kl", "semantic"):
+    names = dict.fromkeys(n for r in ev.records for n in r.raw if n != "compression")
+    for name in names:
         hits = [
             r
             for r in ev.records
@@ -202,6 +215,16 @@ def nonfinite_input(ev: RunEvidence) -> list[Finding]:
     ]
 
 
+def _kl_series(records: tuple[Any, ...]) -> list[float]:
+    """The KL term per epoch: mtx's ``kl``, or the user's term whose name says KL
+    (``KLD``, ``kl_loss``, ...); empty when the loss names none."""
+    names = [n for n in (records[0].raw if records else {}) if "kl" in n.lower()]
+    name = "kl" if "kl" in names else (names[0] if len(names) == 1 else None)
+    if name is None:
+        return []
+    return [r.raw.get(name, math.nan) for r in records]
+
+
 def collapse_verdict(ev: RunEvidence) -> Verdict:
     """Whether the posterior-collapse rule judges this run collapsed, and if not, why.
 
@@ -226,7 +249,7 @@ def collapse_verdict(ev: RunEvidence) -> Verdict:
             f"judged after {COLLAPSE_MIN_STEPS} optimizer steps, this run made {steps}: "
             "a freshly initialised encoder has no active units yet",
         )
-    kl = [r.raw["kl"] for r in ev.records]
+    kl = _kl_series(ev.records)
     if kl and kl[-1] > kl[0]:
         return Verdict(
             code,
@@ -268,21 +291,116 @@ def posterior_collapse(ev: RunEvidence) -> list[Finding]:
     ]
 
 
+def noise_verdict(repeats: NoiseRepeats | None) -> NoiseVerdict | None:
+    """Over all comparable pairs: frozen only if every pair drew the same noise, fresh when
+    most differ (so one odd pair, e.g. a short last batch, cannot flip it), else repeating.
+    None when no pair was comparable."""
+    if repeats is None or repeats.pairs == 0:
+        return None
+    if repeats.repeated == repeats.pairs:
+        return "frozen"
+    if repeats.pairs - repeats.repeated > NOISE_FRESH_SHARE * repeats.pairs:
+        return "fresh"
+    return "repeating"
+
+
 @rule
 def frozen_noise(ev: RunEvidence) -> list[Finding]:
-    if ev.noise_changed is not False:
+    r = ev.noise_repeats
+    verdict = noise_verdict(r)
+    if r is None or verdict not in ("frozen", "repeating"):
         return []
+    frozen = verdict == "frozen"
+    if r.probed == r.pairs:
+        seen = (
+            f"two training-mode passes of the same batch gave the same reconstruction in "
+            f"{r.repeated} of {r.pairs} probes"
+        )
+        meaning = "the model draws no fresh noise (it is frozen, or the model does not sample)"
+    else:
+        seen = f"eps was the same in {r.repeated} of {r.pairs} comparable pairs of steps"
+        if r.probed:
+            seen += f" ({r.probed} of them two passes of one batch)"
+        meaning = "z is a fixed function of x" if frozen else "fresh noise never repeats"
     return [
         Finding(
             code="frozen-noise",
-            severity="error",
-            title="Reparameterisation noise never changes",
-            message="every training step drew the same eps: z is a fixed function of x",
+            severity="error" if frozen else "warning",
+            title=f"Reparameterisation noise {'never changes' if frozen else 'repeats'}",
+            message=f"{seen}: {meaning}",
             remedy=(
                 "Do not reseed the RNG inside forward(); draw eps from a generator owned by "
                 "the model (seeded once) so it is fresh each step and still reproducible."
             ),
-            evidence={"steps": len(ev.snapshots)},
+            evidence={"pairs": r.pairs, "repeated": r.repeated, "probed": r.probed},
+            where=ev.where,
+        )
+    ]
+
+
+def _noise_scale_unjudged(ev: RunEvidence) -> str | None:
+    """Why the noise scale cannot be judged in this run at all (None: it can)."""
+    s = ev.noise_scale
+    if s is None:
+        return (
+            "needs z, mu and log_var (of one shape) from the model in train mode: "
+            "eps = (z - mu) / sigma is recovered from them"
+        )
+    if noise_verdict(ev.noise_repeats) in ("frozen", "repeating"):
+        return "the noise repeats (see frozen-noise): its entries are not a sample"
+    if s.samples < NOISE_MIN_SAMPLES:
+        return f"needs {NOISE_MIN_SAMPLES} finite noise entries, this run gave {s.samples}"
+    return None
+
+
+def _exponent_measured(s: NoiseScale) -> bool:
+    return math.isfinite(s.exponent) and s.exponent_se <= NOISE_EXPONENT_MAX_SE
+
+
+@rule
+def noise_scale(ev: RunEvidence) -> list[Finding]:
+    """eps = (z - mu) / exp(0.5 * log_var) is not standard normal, or grows with sigma."""
+    s = ev.noise_scale
+    if s is None or _noise_scale_unjudged(ev) is not None:
+        return []
+    seen: list[str] = []
+    if _exponent_measured(s) and abs(s.exponent - 0.5) > NOISE_EXPONENT_TOLERANCE:
+        if s.exponent > 0.5:
+            cause = "exp(log_var) (the variance) is used as sigma"
+        else:
+            cause = "sigma is left out of z"
+        seen.append(
+            f"z - mu grows like exp(({s.exponent:.2f} +/- {s.exponent_se:.2f}) * log_var), "
+            f"not exp(0.5 * log_var): {cause}"
+        )
+    if not NOISE_STD_LOW <= s.std <= NOISE_STD_HIGH:
+        seen.append(f"eps has std {_fmt(s.std)} (expected 1): the noise is scaled")
+    if abs(s.mean) > NOISE_MEAN_MAX:
+        seen.append(f"eps has mean {_fmt(s.mean)} (expected 0): the noise is not centred")
+    if not seen:
+        return []
+    return [
+        Finding(
+            code="noise-scale",
+            severity="error",
+            title="Reparameterisation noise is not N(0, sigma^2)",
+            message=(
+                f"eps = (z - mu) / exp(0.5 * log_var) over {s.samples} entries of {s.steps} "
+                f"steps: " + "; ".join(seen)
+            ),
+            remedy=(
+                "Sample z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu): log_var is "
+                "the log of the variance, so sigma = exp(0.5 * log_var); do not scale or "
+                "shift eps (the KL term assumes exactly this sigma)."
+            ),
+            evidence={
+                "samples": s.samples,
+                "mean": s.mean,
+                "std": s.std,
+                "exponent": s.exponent,
+                "exponent_se": s.exponent_se,
+                "log_var_std": s.log_var_std,
+            },
             where=ev.where,
         )
     ]
@@ -647,21 +765,51 @@ def batch_dependent_weights(ev: RunEvidence) -> list[Finding]:
 # ---- checks that could not run (so a missing finding is never silent) ----
 
 
+# The rules that read the loss's named terms: a loss returning one scalar has none.
+PER_TERM_CODES: tuple[str, ...] = (
+    "zero-loss",
+    "no-grad-path",
+    "grad-dominance",
+    "grad-conflict",
+    "scale-imbalance",
+    "batch-dependent-weights",
+)
+
+
 def not_checked(ev: RunEvidence) -> list[NotChecked]:
     """The rules whose evidence this run could not give, each with the reason."""
     out: list[NotChecked] = []
     collapse = collapse_verdict(ev)
     if collapse.status == "not-judged":
         out.append(NotChecked(collapse.code, collapse.reason))
-    if ev.noise_changed is None:
+    if noise_verdict(ev.noise_repeats) is None:
         out.append(
             NotChecked(
                 "frozen-noise",
                 "needs z, mu and log_var from the model in train mode on two steps of equal "
-                "batch size",
+                "batch size, or a finite reconstruction to compare over two passes of one batch",
             )
         )
-    if not ev.attributions:
+    unjudged = _noise_scale_unjudged(ev)
+    scale = ev.noise_scale
+    if unjudged is not None:
+        out.append(NotChecked("noise-scale", unjudged))
+    elif scale is not None and not _exponent_measured(scale) and not noise_scale(ev):
+        out.append(
+            NotChecked(
+                "noise-scale",
+                f"eps looked standard normal (mean {_fmt(scale.mean)}, std {_fmt(scale.std)}) "
+                f"but log_var varied too little (std {_fmt(scale.log_var_std)}) to tell "
+                "sigma = exp(log_var) from exp(0.5 * log_var)",
+            )
+        )
+    if ev.records and not any(r.raw for r in ev.records):
+        reason = (
+            "the loss returns one scalar: return a dict of its named terms, e.g. "
+            "{'loss': total, 'recon': recon, 'kl': kl}, for the per-term checks"
+        )
+        out.extend(NotChecked(code, reason) for code in PER_TERM_CODES)
+    elif not ev.attributions:
         reason = "no step was attributed (per-term gradients need finite terms with a graph)"
         out.extend(
             NotChecked(code, reason) for code in ("no-grad-path", "grad-dominance", "grad-conflict")

@@ -30,6 +30,24 @@ OSCILLATION_MIN_EPOCHS = 5
 CONFLICT_SHARE = 0.5  # share of attributed steps with cos < 0 for "sustained" ...
 CONFLICT_INFO = -0.25  # ... with a mean cosine below this (mild conflict is normal)
 CONFLICT_WARNING = -0.5  # strong conflict
+# The reparameterisation noise (diagnostics/noise.py). Fresh draws differ by ~1 per entry;
+# a repeated draw, recovered as (z - mu) / sigma, matches only to rounding, which grows as
+# sigma shrinks next to |mu|: hence a loose "same" and a median over the compared entries.
+NOISE_SAME = 1e-3  # median |eps_a - eps_b| at or below this: the same draw
+NOISE_SAME_OUTPUT = 1e-5  # two passes of one batch: max |diff| / max |output| at or below
+NOISE_FRESH_SHARE = 0.5  # fresh when more than this share of comparable pairs differ
+NOISE_MIN_SAMPLES = 500  # eps entries before its scale is judged (std's error ~0.03 there)
+NOISE_MEAN_MAX = 0.25  # |mean eps| above this (~6 standard errors at 500 entries)
+NOISE_STD_LOW = 0.8  # std of eps below this (0.01-scaled noise gives 0.01) ...
+NOISE_STD_HIGH = 1.25  # ... or above this (each ~6 standard errors from 1 at 500 entries)
+# z - mu ~ exp(k * log_var): k = 0.5 is right, 1 is exp(log_var) used as sigma, 0 is sigma
+# left out. Flag |k - 0.5| above the tolerance, judged only when k's standard error is at
+# most NOISE_EXPONENT_MAX_SE (the edge is then 5 standard errors from 0.5 and from 1).
+# The error is ~1.1 / (sqrt(entries) * std(log_var)): at 5000 entries log_var must vary by
+# 0.31, at 50000 by 0.1. Where it varies less, exp(log_var) and exp(0.5 * log_var) differ
+# too little to be told apart, and the exponent is left unjudged (and said so).
+NOISE_EXPONENT_TOLERANCE = 0.25
+NOISE_EXPONENT_MAX_SE = 0.05
 # check-grads' per-parameter flags. ||dw|| / ||w|| above LARGE_UPDATE in one step is large
 # (~1e-3 is Karpathy's healthy rule of thumb); judged for weight matrices only, because
 # vectors such as batch-norm biases start at or near zero.

@@ -33,7 +33,7 @@ from meaning_transform.losses.checks import (
 from meaning_transform.losses.kl import KLDivergenceLoss
 from meaning_transform.losses.reconstruction import LossType, ReconstructionLoss
 from meaning_transform.losses.semantic import (
-    FeatureExtractor,
+    FeatureSelection,
     Mode,
     SemanticLoss,
     SimilarityType,
@@ -67,7 +67,9 @@ class CombinedLoss(nn.Module):
         kl_loss_weight: weight w_kl (beta) of the KL term.
         semantic_loss_weight: weight w_s of the semantic term.
         recon_loss_type: ``"mse"`` or ``"bce"`` (see :class:`ReconstructionLoss`).
-        semantic_feature_extractors: custom semantic features (see :class:`SemanticLoss`).
+        semantic_feature_extractors: the semantic features: a list of built-in names
+            (e.g. ``["position", "health"]``) or a mapping name -> callable for custom
+            ones (``feature_extractors`` of :class:`SemanticLoss`).
         semantic_similarity_type: ``"cosine"``, ``"mse"`` or ``"l1"``.
         reduction: ``"mean"`` (per-sample mean) or ``"sum"`` for recon and KL.
         semantic_reduction: reduction of the semantic term; None = ``reduction``.
@@ -112,7 +114,7 @@ class CombinedLoss(nn.Module):
         kl_loss_weight: float = 0.1,
         semantic_loss_weight: float = 0.5,
         recon_loss_type: LossType = "mse",
-        semantic_feature_extractors: Mapping[str, FeatureExtractor] | None = None,
+        semantic_feature_extractors: FeatureSelection | None = None,
         semantic_similarity_type: SimilarityType = "cosine",
         reduction: Reduction = "mean",
         semantic_reduction: Reduction | None = None,
@@ -361,7 +363,7 @@ class FeatureWeightedLoss(CombinedLoss):
         kl_loss_weight: float = 0.1,
         semantic_loss_weight: float = 0.5,
         recon_loss_type: LossType = "mse",
-        semantic_feature_extractors: Mapping[str, FeatureExtractor] | None = None,
+        semantic_feature_extractors: FeatureSelection | None = None,
         semantic_similarity_type: SimilarityType = "cosine",
         reduction: Reduction = "mean",
         semantic_reduction: Reduction | None = None,
@@ -383,7 +385,7 @@ class FeatureWeightedLoss(CombinedLoss):
             semantic_mode=semantic_mode,
             on_non_finite=on_non_finite,
         )
-        custom = set(semantic_feature_extractors or {})
+        custom = set(self.semantic_loss.feature_extractors)  # a list of names adds none
         if feature_weights is None:
             new_names = sorted(custom - set(SEMANTIC_FEATURES))
             if new_names:

@@ -12,7 +12,7 @@ w.r.t. the reconstruction; ``mode="hard"`` is kept only to reproduce that fault.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -50,6 +50,9 @@ Mode = Literal["soft", "hard"]
 SIMILARITY_TYPES: tuple[str, ...] = ("cosine", "mse", "l1")
 MODES: tuple[str, ...] = ("soft", "hard")
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
+# What ``feature_extractors=`` accepts: built-in feature names to keep (the original API,
+# e.g. ["position", "health"]) or custom extractors by name.
+FeatureSelection = Sequence[str] | Mapping[str, FeatureExtractor]
 
 # Probabilities entering a BCE are clamped to [PROB_EPS, 1 - PROB_EPS]: the
 # per-sample BCE is then at most -log(1e-6) ~ 13.8 and never inf.
@@ -90,6 +93,34 @@ def _target_indicators(x: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def _split_features(
+    features: FeatureSelection | None,
+) -> tuple[tuple[str, ...], dict[str, FeatureExtractor]]:
+    """``feature_extractors=`` as (built-in names in use, custom extractors by name)."""
+    if features is None:
+        return SEMANTIC_FEATURES, {}
+    if isinstance(features, Mapping):
+        for name, extract in features.items():
+            if not callable(extract):
+                raise TypeError(
+                    f"feature extractor {name!r} must be a callable f(x) -> (B, k), "
+                    f"got {type(extract).__name__}"
+                )
+        return SEMANTIC_FEATURES, dict(features)
+    if isinstance(features, str):  # a str is a Sequence[str] of letters
+        raise TypeError(f"feature_extractors must be a list of feature names, got {features!r}")
+    names = list(features)
+    unknown = [n for n in names if n not in SEMANTIC_FEATURES]
+    if unknown:
+        raise ValueError(
+            f"unknown semantic feature(s) {unknown}; known: {list(SEMANTIC_FEATURES)} "
+            "(pass a mapping name -> callable for custom features)"
+        )
+    if not names:
+        raise ValueError(f"feature_extractors names no feature; known: {list(SEMANTIC_FEATURES)}")
+    return tuple(n for n in SEMANTIC_FEATURES if n in names), {}
+
+
 class SemanticLoss(nn.Module):
     """Per-feature semantic loss on the agent-state layout, summed over features.
 
@@ -126,13 +157,16 @@ class SemanticLoss(nn.Module):
     counted in :attr:`log`.
 
     Args:
-        feature_extractors: optional mapping name -> callable ``f(x) -> (B, k)``
-            (or ``(B,)``); each is compared by squared error between
-            ``f(x_reconstructed)`` and ``f(x_original)``. A name equal to a
-            built-in feature replaces it; other names are added. The built-in
-            features are used whenever the input has the 10-feature layout; with
-            custom extractors any other D is allowed (then only the custom
-            features apply). None: the built-ins only, and D must be 10.
+        feature_extractors: which features to compare. None: every built-in
+            feature, and D must be 10. A list of built-in names (the original API,
+            e.g. ``["position", "health"]``): only those, still in
+            ``SEMANTIC_FEATURES`` order, and D must be 10; an unknown name raises
+            ValueError. A mapping name -> callable ``f(x) -> (B, k)`` (or ``(B,)``):
+            custom features, each compared by squared error between
+            ``f(x_reconstructed)`` and ``f(x_original)``; a name equal to a
+            built-in feature replaces it, other names are added, the built-ins
+            are used whenever the input has the 10-feature layout, and any other
+            D is allowed (then only the custom features apply).
         similarity_type: ``"cosine"``, ``"mse"`` or ``"l1"`` (see above).
         reduction: ``"mean"`` over samples or ``"sum"`` over the batch.
         mode: ``"soft"`` (differentiable, default) or ``"hard"`` (the original fault).
@@ -153,11 +187,13 @@ class SemanticLoss(nn.Module):
         >>> loss = loss_fn(x + 0.01 * torch.randn(8, 10), x)
         >>> sorted(loss_fn.detailed_breakdown(x, x)) == sorted(SEMANTIC_FEATURES)
         True
+        >>> list(SemanticLoss(["health", "position"]).detailed_breakdown(x, x))
+        ['position', 'health']
     """
 
     def __init__(
         self,
-        feature_extractors: Mapping[str, FeatureExtractor] | None = None,
+        feature_extractors: FeatureSelection | None = None,
         similarity_type: SimilarityType = "cosine",
         reduction: Reduction = "mean",
         mode: Mode = "soft",
@@ -174,7 +210,9 @@ class SemanticLoss(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        self.feature_extractors: dict[str, FeatureExtractor] = dict(feature_extractors or {})
+        builtins, custom = _split_features(feature_extractors)
+        self.builtin_features: tuple[str, ...] = builtins  # the built-ins in use
+        self.feature_extractors: dict[str, FeatureExtractor] = custom
         self.similarity_type = similarity_type
         self.reduction = check_reduction(reduction)
         self.mode = mode
@@ -207,7 +245,7 @@ class SemanticLoss(nn.Module):
         out: dict[str, torch.Tensor] = {}
         if self.uses_builtin(n_features):
             builtin = self._builtin_features(x_reconstructed, x_original)
-            for name in SEMANTIC_FEATURES:
+            for name in self.builtin_features:
                 if name not in self.feature_extractors:
                     out[name] = builtin[name]
         for name, extract in self.feature_extractors.items():

@@ -32,12 +32,15 @@ def run_anneal(pipeline: Pipeline, schedule: BetaSchedule, options: AnnealConfig
     """
     config = replace(pipeline.config, schedule=schedule)
     # The starting KL weight is overwritten by the schedule before the first step.
-    loss_fn = pipeline.loss(RECON_WEIGHT, schedule.beta(0, config.epochs), SEMANTIC_WEIGHT)
+    model = pipeline.model()
+    loss_fn = pipeline.loss(
+        RECON_WEIGHT, schedule.beta(0, config.epochs), SEMANTIC_WEIGHT, model=model
+    )
     betas = {schedule.beta(e, config.epochs) for e in range(config.epochs)}
     skipped = TOTAL_TREND_CODES if len(betas) > 1 else ()
     run = pipeline.diagnose(
         schedule.schedule_type,
-        pipeline.model(),
+        model,
         loss_fn,
         config=config,
         not_applicable=skipped,

@@ -83,7 +83,7 @@ def run_check_grads(
     every reported norm is the norm before clipping (see the module docstring).
     """
     model = pipeline.model()
-    loss_fn = pipeline.loss(recon, kl, semantic)
+    loss_fn = pipeline.loss(recon, kl, semantic, model=model)
     clip = pipeline.config.clip_grad_norm
     recorder = _StepRecorder(model, clip)
     run = pipeline.diagnose(

@@ -137,18 +137,21 @@ def run_kind(pipeline: Pipeline, dataset: Dataset) -> tuple[KindSection, Diagnos
     config = pipeline.config
     x = dataset.tensor  # (N, D)
 
-    def fresh_loss() -> nn.Module:
+    def fresh_loss(model: nn.Module) -> nn.Module:
         semantic = WEIGHTS["semantic"] if layout else 0.0
-        return pipeline.loss(WEIGHTS["reconstruction"], WEIGHTS["kl"], semantic, dataset)
+        return pipeline.loss(
+            WEIGHTS["reconstruction"], WEIGHTS["kl"], semantic, dataset, model=model
+        )
 
     # 1-2. The untrained model, on a throwaway instance.
     probe = pipeline.model(dataset).to(resolve_device(config.device))
     parameters = inspect_parameters(probe)
-    untrained = mode_probe(probe, fresh_loss(), x)
+    untrained = mode_probe(probe, fresh_loss(probe), x)
     del probe
 
     # 3. The main short run with the Doctor attached (its hooks capture the gradients).
-    model, loss_fn = pipeline.model(dataset), fresh_loss()
+    model = pipeline.model(dataset)
+    loss_fn = fresh_loss(model)
     hooks: list[int] = []
 
     def count_hooks(doctor: Doctor) -> None:
@@ -168,8 +171,9 @@ def run_kind(pipeline: Pipeline, dataset: Dataset) -> tuple[KindSection, Diagnos
     run = pipeline.evaluate(where, run.result, replace(run.evidence, latent=health))
 
     # 5. A short linear-β annealing run from a fresh model.
+    anneal_model = pipeline.model(dataset)
     annealed = pipeline.train(
-        pipeline.model(dataset), fresh_loss(), replace(config, schedule=ANNEALING), dataset
+        anneal_model, fresh_loss(anneal_model), replace(config, schedule=ANNEALING), dataset
     )
 
     section = KindSection(

@@ -47,8 +47,9 @@ def run_debug_loss(
     shown = report_epochs(pipeline.config.epochs, options.every)
     runs, diagnosed = [], []
     for cfg in configs:
-        loss_fn = pipeline.loss(cfg.recon, cfg.kl, cfg.semantic)
-        run = pipeline.diagnose(cfg.name, pipeline.model(), loss_fn)
+        model = pipeline.model()
+        loss_fn = pipeline.loss(cfg.recon, cfg.kl, cfg.semantic, model=model)
+        run = pipeline.diagnose(cfg.name, model, loss_fn)
         diagnosed.append(run)
         epochs = [epoch_row(r) for r in run.result.records]
         runs.append(

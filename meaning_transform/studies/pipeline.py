@@ -57,6 +57,8 @@ class Pipeline:
     model_factory: ModelFactory | None = None
     scenario: Scenario | None = None
     on_epoch: Callable[[], None] | None = None
+    # The user's loss (--loss), built for one model: it replaces mtx's loss entirely.
+    loss_factory: Callable[[nn.Module], nn.Module] | None = None
 
     @property
     def config(self) -> TrainConfig:
@@ -77,8 +79,18 @@ class Pipeline:
         return default_model(data.n_features, self.config.seed, data.tensor, self.scenario)
 
     def loss(
-        self, recon: float, kl: float, semantic: float, dataset: Dataset | None = None
+        self,
+        recon: float,
+        kl: float,
+        semantic: float,
+        dataset: Dataset | None = None,
+        model: nn.Module | None = None,
     ) -> nn.Module:
+        """mtx's CombinedLoss with these weights, or the user's loss built for ``model``."""
+        if self.loss_factory is not None:
+            if model is None:
+                raise ValueError("the user's loss is built for a model: pass model=")
+            return self.loss_factory(model)
         return build_loss(
             recon, kl, semantic, dataset or self.dataset, self.reduction, self.scenario
         )
@@ -279,7 +291,12 @@ def report_epochs(epochs: int, every: int) -> tuple[int, ...]:
 
 
 def weights_of(loss_fn: nn.Module) -> dict[str, float]:
-    """The weights a CombinedLoss is using (after the semantic switch-off)."""
+    """The weights a CombinedLoss is using (after the semantic switch-off), or those
+    given for the user's loss (its other terms weigh 1)."""
+    from meaning_transform.adapters import LossStep
+
+    if isinstance(loss_fn, LossStep):
+        return dict(loss_fn.user_loss.weights)
     return loss_weights(loss_fn)
 
 

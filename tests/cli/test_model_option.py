@@ -120,7 +120,7 @@ def test_user_model_unused_parameter_is_found(mtx, model_file):
         ("{file}:build_not_module", ("nn.Module", "int")),
         ("{file}:build_wrong_output", ("dict",)),
         ("{file}:build_wrong_dim", ("forward failed",)),
-        ("{file}", ("FILE.py:FUNCTION",)),
+        ("{file}", ("FILE.py:NAME",)),
         ("no_such_package_xyz.module:build", ("cannot import",)),
     ],
 )

@@ -97,6 +97,36 @@ def test_non_agent_data_with_semantic_weight_says_what_to_do() -> None:
         CombinedLoss()(_model_output(x), x)
 
 
+def test_semantic_features_as_a_list_of_names(agent_batch) -> None:
+    x, x_rec = agent_batch
+    out = _model_output(x_rec)
+    result = CombinedLoss(semantic_feature_extractors=["health", "position"])(out, x)
+    assert list(result["semantic_breakdown"]) == ["position", "health"]
+    assert {t for t in result["terms"] if t.startswith("semantic/")} == {
+        "semantic/position",
+        "semantic/health",
+    }
+    full = CombinedLoss()(out, x)["semantic_breakdown"]
+    want = full["position"] + full["health"]
+    assert result["semantic_loss"].item() == pytest.approx(want, rel=1e-6)
+
+
+def test_semantic_features_list_with_an_unknown_name_names_both() -> None:
+    with pytest.raises(ValueError, match=r"\['speed'\]; known: \['position', 'health'"):
+        CombinedLoss(semantic_feature_extractors=["position", "speed"])
+    with pytest.raises(ValueError, match=r"\['speed'\]; known"):
+        FeatureWeightedLoss(semantic_feature_extractors=["speed"])
+
+
+def test_feature_weighted_loss_with_a_list_weights_only_those(agent_batch) -> None:
+    x, x_rec = agent_batch
+    loss_fn = FeatureWeightedLoss(semantic_feature_extractors=["position", "health"])
+    result = loss_fn(_model_output(x_rec), x)
+    weights = result["feature_weights"]
+    assert list(weights) == ["position", "health"]  # canonical weights, renormalised
+    assert weights["position"] == pytest.approx(0.554 / (0.554 + 0.150))
+
+
 def test_shape_mismatch_message(agent_batch) -> None:
     x, _ = agent_batch
     out = _model_output(x)

@@ -186,3 +186,47 @@ def test_follows_input_dtype(make_agent) -> None:
 def test_bad_arguments_name_the_argument(kwargs, name) -> None:
     with pytest.raises(ValueError, match=name):
         SemanticLoss(**kwargs)
+
+
+# ---- feature_extractors as a list of names (the original write-up's API) ----
+
+
+def test_a_list_of_names_keeps_only_those_builtins(agent_batch) -> None:
+    x, x_rec = agent_batch
+    loss_fn = SemanticLoss(feature_extractors=["role", "position", "health"])
+    per_feature = loss_fn.per_feature(x_rec, x)
+    assert list(per_feature) == ["position", "health", "role"]  # SEMANTIC_FEATURES order
+    everything = SemanticLoss().per_feature(x_rec, x)
+    for name, value in per_feature.items():
+        torch.testing.assert_close(value, everything[name])
+    torch.testing.assert_close(loss_fn(x_rec, x), sum(per_feature.values()))
+
+
+def test_a_list_of_every_name_equals_the_default(agent_batch) -> None:
+    x, x_rec = agent_batch
+    listed = SemanticLoss(feature_extractors=list(SEMANTIC_FEATURES))
+    torch.testing.assert_close(listed(x_rec, x), SemanticLoss()(x_rec, x))
+
+
+def test_a_list_of_names_still_needs_the_agent_layout() -> None:
+    with pytest.raises(ShapeMismatchError, match=r"\(B, 10\), got \(4, 7\)"):
+        SemanticLoss(feature_extractors=["health"])(torch.zeros(4, 7), torch.zeros(4, 7))
+
+
+def test_an_unknown_name_is_named_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown semantic feature\(s\) \['speed'\]") as err:
+        SemanticLoss(feature_extractors=["position", "speed"])
+    for name in SEMANTIC_FEATURES:
+        assert repr(name) in str(err.value)
+
+
+def test_an_empty_list_or_a_bare_string_is_refused() -> None:
+    with pytest.raises(ValueError, match="names no feature"):
+        SemanticLoss(feature_extractors=[])
+    with pytest.raises(TypeError, match="list of feature names"):
+        SemanticLoss(feature_extractors="position")
+
+
+def test_a_mapping_value_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="'speed' must be a callable"):
+        SemanticLoss(feature_extractors={"speed": "position"})  # type: ignore[dict-item]
