@@ -41,6 +41,33 @@ class _WithUnused(nn.Module):
         return self.inner(x)
 
 
+class _HiddenTerm(nn.Module):
+    """A loss whose total holds a term its named terms do not show (0.5 x reconstruction
+    added to the total only), as a user's loss that returns its total and terms."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.endswith("_weight") and "inner" in self._modules:
+            setattr(self._modules["inner"], name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, Any]:
+        result = dict(self.inner(out, x))
+        result["loss"] = result["loss"] + 0.5 * result["terms"]["reconstruction"]
+        result["total_given"] = True
+        return result
+
+
 class _TargetLeak(nn.Module):
     """A loss fed the model's own reconstruction as the target (a classic wiring bug)."""
 
@@ -225,6 +252,12 @@ SCENARIOS: dict[str, Scenario] = {
             ("grad-conflict",),
             "an extra term that rewards reconstruction error (cos = -1 with it)",
             prepare=lambda m: _Wrapped(m, _opposing_term),
+        ),
+        Scenario(
+            "hidden-term",
+            ("terms-mismatch",),
+            "the total holds 0.5 x reconstruction that the named terms do not show",
+            wrap_loss=_HiddenTerm,
         ),
         Scenario(
             "legacy-reduction",

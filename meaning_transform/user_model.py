@@ -78,6 +78,7 @@ def load_loss_factory(
     spec: str,
     extra_kwargs: dict[str, object] | None = None,
     beta_kwarg: str | None = None,
+    weights: dict[str, float] | None = None,
 ) -> Callable[[nn.Module], nn.Module]:
     """``--loss FILE.py:NAME``: the user's loss, resolved now, built per model.
 
@@ -94,7 +95,7 @@ def load_loss_factory(
     def build(model: nn.Module) -> nn.Module:
         bound = fn.__get__(model) if method and hasattr(fn, "__get__") else fn
         try:
-            user_loss = UserLoss(bound, extra_kwargs=extra_kwargs, name=spec)
+            user_loss = UserLoss(bound, extra_kwargs=extra_kwargs, weights=weights, name=spec)
         except LossBindingError as e:
             raise ModelSpecError(f"--loss {spec}: {e}") from e
         return LossStep(user_loss, lambda: LAST_CALL.get(id(model)), beta_kwarg)

@@ -19,6 +19,7 @@ from meaning_transform.cli.common import (
     Json,
     LossArgs,
     LossSpec,
+    LossWeights,
     Lr,
     ModelSpec,
     Plot,
@@ -48,6 +49,7 @@ def anneal_demo(
     model: ModelSpec = None,
     loss: LossSpec = None,
     loss_arg: LossArgs = None,
+    loss_weight: LossWeights = None,
     input_shape: InputShape = None,
     beta_kwarg: Annotated[
         str | None,
@@ -118,7 +120,9 @@ def anneal_demo(
                 "anneal-demo sets the KL weight each epoch: name the keyword of your --loss "
                 "that takes it with --beta-kwarg (e.g. --beta-kwarg M_N)"
             )
-        user = common.UserCode(model, loss, tuple(loss_arg or ()), input_shape, beta_kwarg)
+        user = common.UserCode(
+            model, loss, tuple(loss_arg or ()), input_shape, beta_kwarg, tuple(loss_weight or ())
+        )
         dataset, factory, fault, losses = common.prepare(opts, model, scenario, None, user)
         options = AnnealConfig(
             **common.run_options(opts, model, scenario),

@@ -19,6 +19,7 @@ from meaning_transform.cli.common import (
     Json,
     LossArgs,
     LossSpec,
+    LossWeights,
     Lr,
     ModelSpec,
     Plot,
@@ -54,6 +55,7 @@ def check_grads(
     model: ModelSpec = None,
     loss: LossSpec = None,
     loss_arg: LossArgs = None,
+    loss_weight: LossWeights = None,
     input_shape: InputShape = None,
     scenario: ScenarioName = "healthy",
     seed: Seed = 0,
@@ -100,7 +102,9 @@ def check_grads(
         from meaning_transform.studies.check_grads import run_check_grads
         from meaning_transform.studies.report import CheckGradsConfig
 
-        user = common.UserCode(model, loss, tuple(loss_arg or ()), input_shape)
+        user = common.UserCode(
+            model, loss, tuple(loss_arg or ()), input_shape, None, tuple(loss_weight or ())
+        )
         dataset, factory, fault, losses = common.prepare(
             opts, model, scenario, semantic_weight, user
         )

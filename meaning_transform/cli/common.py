@@ -523,6 +523,15 @@ LossArgs = Annotated[
         show_default=False,
     ),
 ]
+LossWeights = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--loss-weight",
+        help="NAME=W: the weight your loss gives its term NAME in the total (repeatable); "
+        "per-term checks weigh the terms with it, others count 1.",
+        show_default=False,
+    ),
+]
 InputShape = Annotated[
     str | None,
     typer.Option(
@@ -543,15 +552,16 @@ class UserCode:
     loss_args: tuple[str, ...] = ()
     input_shape: str | None = None
     beta_kwarg: str | None = None  # the user's loss keyword a β schedule drives
+    loss_weights: tuple[str, ...] = ()
 
 
-def loss_kwargs(items: tuple[str, ...]) -> dict[str, object]:
+def loss_kwargs(items: tuple[str, ...], option: str = "--loss-arg") -> dict[str, object]:
     """``("M_N=0.005", "tag=x")`` -> ``{"M_N": 0.005, "tag": "x"}``."""
     out: dict[str, object] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.isidentifier():
-            raise UsageProblem(f"--loss-arg expects KEY=VALUE with KEY a name, got {item!r}")
+            raise UsageProblem(f"{option} expects KEY=VALUE with KEY a name, got {item!r}")
         value: object = text
         for kind in (int, float):
             try:
@@ -604,12 +614,17 @@ def model_and_scenario(
 def loss_factory(user: UserCode) -> Any:
     """Resolve --loss (before any training) into a per-model loss factory, or None."""
     if user.loss is None:
-        if user.loss_args:
-            raise UsageProblem("--loss-arg passes keywords to your --loss; give --loss")
+        if user.loss_args or user.loss_weights:
+            raise UsageProblem("--loss-arg/--loss-weight are for your --loss; give --loss")
         return None
     from meaning_transform.user_model import load_loss_factory
 
-    return load_loss_factory(user.loss, loss_kwargs(user.loss_args), user.beta_kwarg)
+    weights = {}
+    for name, value in loss_kwargs(user.loss_weights, "--loss-weight").items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UsageProblem(f"--loss-weight {name} must be a number, got {value!r}")
+        weights[name] = float(value)
+    return load_loss_factory(user.loss, loss_kwargs(user.loss_args), user.beta_kwarg, weights)
 
 
 def checked_model(

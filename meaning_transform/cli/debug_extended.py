@@ -18,6 +18,7 @@ from meaning_transform.cli.common import (
     Json,
     LossArgs,
     LossSpec,
+    LossWeights,
     Lr,
     ModelSpec,
     Plot,
@@ -59,6 +60,7 @@ def debug_extended(
     model: ModelSpec = None,
     loss: LossSpec = None,
     loss_arg: LossArgs = None,
+    loss_weight: LossWeights = None,
     input_shape: InputShape = None,
     beta_kwarg: Annotated[
         str | None,
@@ -120,7 +122,9 @@ def debug_extended(
                 "debug-extended's annealing run sets the KL weight each epoch: name the "
                 "keyword of your --loss that takes it with --beta-kwarg (e.g. --beta-kwarg M_N)"
             )
-        user = common.UserCode(model, loss, tuple(loss_arg or ()), input_shape, beta_kwarg)
+        user = common.UserCode(
+            model, loss, tuple(loss_arg or ()), input_shape, beta_kwarg, tuple(loss_weight or ())
+        )
         factory, fault = common.model_and_scenario(model, scenario, user)
         losses = common.loss_factory(user)
         sizes = {} if samples is None else {"n": samples}

@@ -18,6 +18,7 @@ from meaning_transform.cli.common import (
     Json,
     LossArgs,
     LossSpec,
+    LossWeights,
     Lr,
     ModelSpec,
     Plot,
@@ -45,6 +46,7 @@ def debug_loss(
     model: ModelSpec = None,
     loss: LossSpec = None,
     loss_arg: LossArgs = None,
+    loss_weight: LossWeights = None,
     input_shape: InputShape = None,
     scenario: ScenarioName = "healthy",
     seed: Seed = 0,
@@ -97,7 +99,9 @@ def debug_loss(
                     base.semantic if semantic_weight is None else semantic_weight,
                 ),
             )
-        user = common.UserCode(model, loss, tuple(loss_arg or ()), input_shape)
+        user = common.UserCode(
+            model, loss, tuple(loss_arg or ()), input_shape, None, tuple(loss_weight or ())
+        )
         if loss is not None:
             if (kl_weight, recon_weight, semantic_weight) != (None, None, None):
                 raise common.UsageProblem(

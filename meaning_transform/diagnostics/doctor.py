@@ -79,7 +79,21 @@ def _loss_dict(loss: object, weights: Mapping[str, float] | None) -> Mapping[str
         "weights": dict(result.weights),
         "floors_engaged": (),
         "non_finite": (),
+        "total_given": result.total_given,
     }
+
+
+def _unexplained(result: Mapping[str, Any]) -> float:
+    """``|total - sum(w * term)| / |total|`` over the main terms, one host copy."""
+    terms = {n: t for n, t in result["terms"].items() if "/" not in n}
+    weights = result.get("weights", {})
+    values = torch.stack(
+        [result["loss"].detach().double().reshape(())]
+        + [t.detach().double().reshape(()) for t in terms.values()]
+    ).tolist()
+    total, *parts = values
+    explained = sum(float(weights.get(n, 1.0)) * v for n, v in zip(terms, parts, strict=True))
+    return abs(total - explained) / max(abs(total), 1e-12)
 
 
 class Doctor:
@@ -128,6 +142,7 @@ class Doctor:
         self._epoch_start = 0  # index into hooks.history where the open epoch began
         self._example_input = False
         self.detached_terms = False  # the loss's terms were all detached copies
+        self.unexplained: list[float] = []  # per step, for a loss giving total and terms
 
     # ---- lifecycle: the gradient hooks live between attach() and close() ----
     def attach(self) -> Doctor:
@@ -184,6 +199,8 @@ class Doctor:
         if self.attribute_every and self.steps % self.attribute_every == 0:
             self._attribute(result)
         self.history.add_step(result)
+        if result.get("total_given") and result.get("terms"):
+            self.unexplained.append(_unexplained(result))
         self.steps += 1
         if self.history.due():
             self.epoch_end()
@@ -275,6 +292,8 @@ class Doctor:
             noise_repeats=self.noise.repeats(),
             noise_scale=self.noise.scale(),
             input_non_finite=self.input_non_finite,
+            unexplained=tuple(self.unexplained),
+            terms_detached=self.detached_terms,
         )
 
     def records(self) -> tuple[Any, ...]:

@@ -44,6 +44,7 @@ from meaning_transform.diagnostics.thresholds import (
     PLATEAU_IMPROVEMENT,
     PLATEAU_MIN_EPOCHS,
     SCALE_IMBALANCE,
+    TERMS_MISMATCH,
     VANISHING_ABS_MEAN,
     VANISHING_FIRST,
     VANISHING_RATIO,
@@ -76,6 +77,9 @@ class RunEvidence:
     noise_repeats: NoiseRepeats | None = None  # pairs of noise draws, how many the same
     noise_scale: NoiseScale | None = None  # recovered eps pooled over train-mode steps
     input_non_finite: int | None = None  # NaN/Inf count in the training data
+    # |total - sum(w * term)| / |total| per step, for a loss that gave both (else empty)
+    unexplained: tuple[float, ...] = ()
+    terms_detached: bool = False  # the loss's named terms were all detached copies
 
 
 RULES: list[Rule] = []
@@ -736,6 +740,37 @@ def scale_imbalance(ev: RunEvidence) -> list[Finding]:
 
 
 @rule
+def terms_mismatch(ev: RunEvidence) -> list[Finding]:
+    """The loss's named terms, weighted, do not add up to the total it returned."""
+    finite = sorted(u for u in ev.unexplained if math.isfinite(u))
+    if not finite:
+        return []
+    median = finite[len(finite) // 2]
+    if median <= TERMS_MISMATCH:
+        return []
+    weights = ev.records[-1].weights if ev.records else {}
+    shown = ", ".join(f"{n}={w:g}" for n, w in weights.items()) or "none"
+    return [
+        Finding(
+            code="terms-mismatch",
+            severity="info",
+            title="The named terms do not add up to the total",
+            message=(
+                f"with weights {shown}, the terms miss {median:.1%} of the total (median "
+                f"over {len(finite)} steps): the total holds a weight, a sign or a term the "
+                "named terms do not show, so per-term numbers are weighed wrong"
+            ),
+            remedy=(
+                "Give the weights the total uses (mtx --loss-weight NAME=W, or "
+                "Doctor.step(weights=...)), or return every term the total is made of."
+            ),
+            evidence={"median_unexplained": median, "steps": len(finite)},
+            where=ev.where,
+        )
+    ]
+
+
+@rule
 def batch_dependent_weights(ev: RunEvidence) -> list[Finding]:
     if not ev.records:
         return []
@@ -809,6 +844,14 @@ def not_checked(ev: RunEvidence) -> list[NotChecked]:
             "{'loss': total, 'recon': recon, 'kl': kl}, for the per-term checks"
         )
         out.extend(NotChecked(code, reason) for code in PER_TERM_CODES)
+    elif not ev.attributions and ev.terms_detached:
+        reason = (
+            "the loss's named terms are detached copies (.detach()): return them undetached "
+            "for per-term gradients"
+        )
+        out.extend(
+            NotChecked(code, reason) for code in ("no-grad-path", "grad-dominance", "grad-conflict")
+        )
     elif not ev.attributions:
         reason = "no step was attributed (per-term gradients need finite terms with a graph)"
         out.extend(

@@ -52,4 +52,7 @@ NOISE_EXPONENT_MAX_SE = 0.05
 # (~1e-3 is Karpathy's healthy rule of thumb); judged for weight matrices only, because
 # vectors such as batch-norm biases start at or near zero.
 LARGE_UPDATE = 1e-1
+# A loss that gives its total and its named terms: the weighted terms must explain the
+# total to this relative precision (float32 sums of a few terms sit near 1e-7).
+TERMS_MISMATCH = 1e-3
 HUGE_PARAMETER = 1e3  # |value| above this at initialisation is a fault, not a choice

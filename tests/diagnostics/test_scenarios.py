@@ -12,6 +12,7 @@ from meaning_transform.scenarios import SCENARIOS, get_scenario
 from tests.studies.reports import BUILDERS
 
 FAULTS = [n for n in SCENARIOS if n != "healthy"]
+INFO_CODES = {"terms-mismatch"}  # documented as info: it questions the weights, not training
 
 
 @pytest.mark.parametrize("command", list(BUILDERS))
@@ -31,7 +32,7 @@ def test_scenario_finding_appears_or_is_declared_not_checked(command, name):
         found = [f for f in report.findings if f.code == code]
         if found:
             worst = found[0]  # findings are sorted worst first
-            assert worst.severity in ("error", "warning"), (command, name, code)
+            assert worst.severity in ("error", "warning") or code in INFO_CODES, (command, code)
             assert worst.remedy and worst.evidence
         else:
             fired = sorted({f.code for f in report.findings})

@@ -189,3 +189,17 @@ def test_merge_not_checked_groups_runs_by_reason():
         ("loss-plateau", "needs 3", ("a", "b")),
         ("loss-plateau", "other", ("c",)),
     ]
+
+
+@pytest.mark.parametrize(("unexplained", "fires"), [((0.0, 0.0005, 0.0009), False),
+                                                     ((0.002, 0.0011, 0.5), True),
+                                                     ((), False),
+                                                     ((math.nan,), False)])
+def test_terms_mismatch_edges(unexplained, fires):
+    from meaning_transform.diagnostics.rules import terms_mismatch
+
+    ev = RunEvidence(where="run", records=(record(0, 1.0),), unexplained=unexplained)
+    found = terms_mismatch(ev)
+    assert bool(found) is fires
+    if fires:
+        assert found[0].severity == "info" and "weights" in found[0].remedy.lower()
