@@ -191,10 +191,15 @@ def test_merge_not_checked_groups_runs_by_reason():
     ]
 
 
-@pytest.mark.parametrize(("unexplained", "fires"), [((0.0, 0.0005, 0.0009), False),
-                                                     ((0.002, 0.0011, 0.5), True),
-                                                     ((), False),
-                                                     ((math.nan,), False)])
+@pytest.mark.parametrize(
+    ("unexplained", "fires"),
+    [
+        ((0.0, 0.0005, 0.0009), False),
+        ((0.002, 0.0011, 0.5), True),
+        ((), False),
+        ((math.nan,), False),
+    ],
+)
 def test_terms_mismatch_edges(unexplained, fires):
     from meaning_transform.diagnostics.rules import terms_mismatch
 
