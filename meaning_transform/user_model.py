@@ -96,8 +96,8 @@ def load_loss_factory(
         bound = fn.__get__(model) if method and hasattr(fn, "__get__") else fn
         try:
             user_loss = UserLoss(bound, extra_kwargs=extra_kwargs, weights=weights, name=spec)
-        except LossBindingError as e:
-            raise ModelSpecError(f"--loss {spec}: {e}") from e
+        except LossBindingError as e:  # its message names the loss already
+            raise ModelSpecError(f"--loss: {e}") from e
         return LossStep(user_loss, lambda: LAST_CALL.get(id(model)), beta_kwarg)
 
     return build

@@ -544,9 +544,16 @@ def not_checked_section(items: Sequence[NotChecked]) -> Grid | None:
     """Every check that could not run, the runs it concerns, and why."""
     if not items:
         return None
+    # checks skipped for one reason in the same runs share a row (one code per line)
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for c in items:
+        groups.setdefault((c.reason, c.runs), []).append(c.code)
     return grid(
         [Col("not checked", "left"), Col("runs", "left", wrap=True), Col("why", "left", wrap=True)],
-        [[c.code, ", ".join(c.runs) or "—", c.reason] for c in items],
+        [
+            ["\n".join(codes), ", ".join(runs) or "—", reason]
+            for (reason, runs), codes in groups.items()
+        ],
         title="Not checked",
         split=False,
     )
@@ -675,6 +682,8 @@ def loss_run_sections(run: LossRun) -> list[RenderableType]:
             plain(
                 f"{run.name}: reconstruction {num(w.get('reconstruction'))}, "
                 f"KL {num(w.get('kl'))}, semantic {num(w.get('semantic'))}"
+                if "reconstruction" in w
+                else f"{run.name}: your loss, weights {weights_text(w)}"
             )
         )
     ]

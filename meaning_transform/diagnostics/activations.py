@@ -95,8 +95,11 @@ FUNCTIONAL_ACTIVATIONS: dict[object, str] = _functional_table()
 
 
 def _active_units(output: Tensor) -> Tensor:
-    """(B, C, ...) activation output -> (C,) bool: positive anywhere for some sample."""
-    positive = output > 0
+    """(B, C, ...) activation output -> (C,) bool: positive anywhere for some sample.
+
+    A NaN output is counted as active: it says the weights are broken (the non-finite
+    rules report that), not that the unit is dead."""
+    positive = (output > 0) | torch.isnan(output)
     if positive.dim() == 1:  # (B,): one unit
         return positive.any().reshape(1)
     if positive.dim() > 2:

@@ -143,6 +143,7 @@ class Doctor:
         self._example_input = False
         self.detached_terms = False  # the loss's terms were all detached copies
         self.unexplained: list[float] = []  # per step, for a loss giving total and terms
+        self.batch_size = 0  # of the latest step's batch
 
     # ---- lifecycle: the gradient hooks live between attach() and close() ----
     def attach(self) -> Doctor:
@@ -190,6 +191,7 @@ class Doctor:
         roles = _roles_dict(output, x)
         result = _loss_dict(loss, weights)
         if x is not None:
+            self.batch_size = int(x.shape[0])
             self.input_non_finite += int((~torch.isfinite(x)).sum())
             if not self._example_input:  # forward order of layers, for first/last ratios
                 self._example_input = True
@@ -313,7 +315,7 @@ class Doctor:
         Without ``records`` the Doctor's own epoch history is used, so every rule runs in
         a user's loop with nothing built by hand.
         """
-        evidence = self.evidence(records or self.records(), data, batch_size)
+        evidence = self.evidence(records or self.records(), data, batch_size or self.batch_size)
         return Findings(evaluate(evidence), tuple(not_checked(evidence)))
 
     def summary(self) -> AttributionSummary | None:

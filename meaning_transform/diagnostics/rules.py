@@ -43,6 +43,7 @@ from meaning_transform.diagnostics.thresholds import (
     OSCILLATION_MIN_EPOCHS,
     PLATEAU_IMPROVEMENT,
     PLATEAU_MIN_EPOCHS,
+    PLATEAU_MIN_STEPS,
     SCALE_IMBALANCE,
     TERMS_MISMATCH,
     VANISHING_ABS_MEAN,
@@ -651,6 +652,8 @@ def loss_plateau(ev: RunEvidence) -> list[Finding]:
     totals = [r.total for r in ev.records]
     if len(totals) < PLATEAU_MIN_EPOCHS or not all(math.isfinite(t) for t in totals):
         return []
+    if sum(r.steps for r in ev.records) < PLATEAU_MIN_STEPS:
+        return []
     first, last = totals[0], totals[-1]
     if last < first * (1 - PLATEAU_IMPROVEMENT):
         return []
@@ -709,9 +712,12 @@ def scale_imbalance(ev: RunEvidence) -> list[Finding]:
     last = ev.records[-1]
     active = {
         n: abs(last.weighted[n])
-        for n in ("reconstruction", "kl", "semantic")
+        for n in last.raw
         # a zero-valued term is the zero-loss rule's business, not an imbalance
-        if last.weights.get(n, 0.0) > 0 and math.isfinite(last.raw[n]) and last.raw[n] > ZERO_VALUE
+        if n != "compression"
+        and last.weights.get(n, 0.0) > 0
+        and math.isfinite(last.raw[n])
+        and last.raw[n] > ZERO_VALUE
     }
     if len(active) < 2:
         return []
@@ -838,6 +844,15 @@ def not_checked(ev: RunEvidence) -> list[NotChecked]:
                 "sigma = exp(log_var) from exp(0.5 * log_var)",
             )
         )
+    named = [n for n in (ev.records[-1].raw if ev.records else {}) if n != "compression"]
+    if len(named) >= 2 and not ev.reduction:
+        out.append(
+            NotChecked(
+                "batch-dependent-weights",
+                "the terms' reductions (sum over the batch or mean) are unknown: pass "
+                "reduction= to Doctor.step (the CLI measures them)",
+            )
+        )
     if ev.records and not any(r.raw for r in ev.records):
         reason = (
             "the loss returns one scalar: return a dict of its named terms, e.g. "
@@ -868,6 +883,14 @@ def not_checked(ev: RunEvidence) -> list[NotChecked]:
             NotChecked("dying-relu", "no nn.ReLU module to watch, or no finite data to run it on")
         )
     epochs = len(ev.records)
+    steps = sum(r.steps for r in ev.records)
+    if epochs >= PLATEAU_MIN_EPOCHS and steps < PLATEAU_MIN_STEPS:
+        out.append(
+            NotChecked(
+                "loss-plateau",
+                f"needs {PLATEAU_MIN_STEPS} optimizer steps, this run made {steps}",
+            )
+        )
     if epochs < PLATEAU_MIN_EPOCHS:
         out.append(
             NotChecked("loss-plateau", f"needs {PLATEAU_MIN_EPOCHS} epochs, this run had {epochs}")

@@ -23,6 +23,9 @@ NO_GRAD_MIN_VALUE = 1e-4  # ... judged only for a term worth at least this
 SCALE_IMBALANCE = 1e3  # largest / smallest weighted term value
 PLATEAU_IMPROVEMENT = 0.01  # total must fall by 1% between first and last epoch
 PLATEAU_MIN_EPOCHS = 3
+# ... and this many optimizer steps: a few steps at a sane learning rate move a summed
+# loss of thousands by less than 1% (pytorch/examples' VAE: 6 steps, -0.9%).
+PLATEAU_MIN_STEPS = 20
 OSC_RISE = 0.05  # an epoch total more than 5% above the previous one is a rise ...
 OSC_RISE_SHARE = 0.2  # ... and at least 2 rises in 20% of the moves is oscillation
 OSC_SPIKE = 10.0  # ... or one epoch total more than 10x the one before it

@@ -59,7 +59,7 @@ def run_anneal(pipeline: Pipeline, schedule: BetaSchedule, options: AnnealConfig
             schedule.cycles,
             schedule.ratio,
         ),
-        weights=frozen({k: weights[k] for k in ("reconstruction", "semantic")}),
+        weights=frozen({k: w for k, w in weights.items() if k != "kl"}),  # KL is β
         reductions=frozen(run.result.reduction),
         epochs=tuple(epoch_row(r) for r in run.result.records),
         beta_curve=tuple(r.beta for r in run.result.records),

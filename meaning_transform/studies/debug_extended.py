@@ -18,6 +18,7 @@ train-mode pass moves batch-norm running statistics and draws noise).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -217,9 +218,11 @@ def _annealing_run(result: TrainResult) -> AnnealingRun:
             AnnealingEpoch(
                 epoch=r.epoch,
                 beta=r.beta,
-                reconstruction=r.raw["reconstruction"],
-                kl=r.raw["kl"],
-                semantic=r.raw["semantic"],
+                # mtx's own terms; NaN for a user's loss, whose names differ (its
+                # terms are in the main run's records)
+                reconstruction=r.raw.get("reconstruction", math.nan),
+                kl=r.raw.get("kl", math.nan),
+                semantic=r.raw.get("semantic", math.nan),
                 total=r.total,
             )
             for r in result.records

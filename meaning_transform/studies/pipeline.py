@@ -248,7 +248,7 @@ def component_rows(record: EpochRecord) -> dict[str, ComponentRow]:
         else:
             if record.floors_engaged.get(name, 0):
                 flags.append("floored")
-            if raw <= ZERO_VALUE:
+            if 0 <= raw <= ZERO_VALUE:  # a negative term (a user's -KL) is not zero
                 flags.append("zero")
         share = (
             abs(weighted) / total_weighted

@@ -290,12 +290,6 @@ def test_antixk_terms_are_read_by_name_and_measured_as_means(mtx, digits):
     assert "one scalar" in not_checked(examples)["no-grad-path"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AntixK's 'KLD' entry is -KL (its own sign), -0.577 at epoch 0: the table "
-    "flags it 'zero' (studies/pipeline.py tests raw <= 1e-8 with no lower bound) while the "
-    "zero-loss rule (0 <= raw <= 1e-8) does not fire: the table contradicts the findings",
-)
 def test_antixk_negative_kld_entry_is_not_flagged_zero(mtx, digits):
     report = ran(mtx("debug-loss", *ANTIXK, "--data", str(digits), *SHORT), exit_code=0)
     for row in report["runs"][0]["epochs"]:
@@ -304,24 +298,12 @@ def test_antixk_negative_kld_entry_is_not_flagged_zero(mtx, digits):
                 assert 0 <= c["raw"] <= 1e-8, (row["epoch"], name, c)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="debug-extended with --loss crashes after training: KeyError 'reconstruction' in "
-    "studies/debug_extended.py _annealing_run (r.raw has the user's term names)",
-)
 def test_debug_extended_runs_antixk_with_its_kl_weight_keyword(mtx, digits):
     run = mtx("debug-extended", *ANTIXK, "--beta-kwarg", "M_N", "--data", str(digits), *SHORT)
     report = ran(run, exit_code=0)
     assert codes(report, "warning", "error") == set(), report["findings"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="anneal-demo with --loss crashes: KeyError 'reconstruction' in studies/anneal.py "
-    "run_anneal (weights[k] for reconstruction/semantic; a user loss has its own terms)",
-)
 def test_anneal_demo_runs_antixk_with_its_kl_weight_keyword(mtx, digits):
     run = mtx("anneal-demo", *ANTIXK, "--beta-kwarg", "M_N", "--data", str(digits), *SHORT)
     report = ran(run)

@@ -208,3 +208,17 @@ def test_terms_mismatch_edges(unexplained, fires):
     assert bool(found) is fires
     if fires:
         assert found[0].severity == "info" and "weights" in found[0].remedy.lower()
+
+
+def test_plateau_needs_enough_steps_and_says_so():
+    from meaning_transform.diagnostics.rules import loss_plateau
+    from meaning_transform.diagnostics.thresholds import PLATEAU_MIN_STEPS
+
+    def flat(steps: int) -> RunEvidence:
+        records = tuple(record(e, 10.0, steps=steps) for e in range(4))
+        return RunEvidence(where="run", records=records)
+
+    short, long = flat(PLATEAU_MIN_STEPS // 4 - 1), flat(PLATEAU_MIN_STEPS // 4)
+    assert loss_plateau(short) == [] and loss_plateau(long)
+    assert any(c.code == "loss-plateau" and "steps" in c.reason for c in not_checked(short))
+    assert all(c.code != "loss-plateau" for c in not_checked(long))
