@@ -48,6 +48,7 @@ class _StepRecorder:
 
     def __init__(self, model: nn.Module, clip: float | None) -> None:
         self.monitor = GradientMonitor(model, track_updates=True)
+        self.monitor_has_input = False
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.clip = clip
         self.rows: list[dict[str, Any]] = []  # per step: epoch, step, loss, loop's norm
@@ -57,6 +58,9 @@ class _StepRecorder:
         loss = float(ctx.loss["loss"].detach())  # train() skips backward when not finite
         index = None
         if math.isfinite(loss):
+            if not self.monitor_has_input:  # first/last layer in forward order
+                self.monitor_has_input = True
+                self.monitor.set_example_input(ctx.batch[:8])
             self.monitor.after_backward()
             index = len(self.monitor.history) - 1
             if self.clip is not None:

@@ -313,3 +313,30 @@ def test_torch_is_seeded_locally():
     before = torch.random.get_rng_state()
     _study(get_data(None, n=16, seed=0), TrainConfig(epochs=1), _tiny_vae)
     assert torch.equal(before, torch.random.get_rng_state())
+
+
+REVERSED = """
+import torch
+from torch import nn
+
+
+class Reversed(nn.Module):
+    def __init__(self, input_dim=10):
+        super().__init__()
+        self.out = nn.Linear(8, input_dim)  # registered first, runs last
+        self.dec = nn.Linear(2, 8)
+        self.head = nn.Linear(8, 4)
+        self.enc = nn.Linear(input_dim, 8)  # registered last, runs first
+
+    def forward(self, x):
+        mu, log_var = self.head(torch.relu(self.enc(x))).chunk(2, dim=1)
+        z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+        return torch.sigmoid(self.out(torch.relu(self.dec(z)))), mu, log_var
+"""
+
+
+def test_first_and_last_layers_are_taken_in_forward_order(mtx, tmp_path):
+    path = tmp_path / "reversed.py"
+    path.write_text(REVERSED)
+    out = mtx("check-grads", "--epochs", "1", "--json", "--model", f"{path}:Reversed").json
+    assert (out["first_layer"], out["last_layer"]) == ("enc.weight", "out.weight")
