@@ -539,7 +539,10 @@ class UserLoss:
         except (Exception, SystemExit) as e:  # the user's code: any error is theirs to fix
             hint = ""
             if isinstance(e, KeyError) and self.binding == "args":
-                hint = " (give what it reads from **kwargs in extra_kwargs)"
+                hint = (
+                    " (give what it reads from **kwargs: --loss-arg KEY=VALUE on the command "
+                    "line, extra_kwargs= in Python)"
+                )
             from meaning_transform.user_model import UserCodeError, raised
 
             raise UserCodeError(f"loss {self.name} {raised(e)}{hint}") from e

@@ -277,6 +277,9 @@ LAST_CALL: dict[int, tuple[object, torch.Tensor]] = {}
 def _hint(e: BaseException) -> str:
     if isinstance(e, ValueError) and str(e).startswith("Expected more than 1 value per channel"):
         return " (batch norm cannot train on a batch of 1 sample: use --batch-size 2 or more)"
+    text = str(e)
+    if isinstance(e, RuntimeError) and ("conv" in text or "Expected 3D" in text or "4D" in text):
+        return " (a conv model takes images: give their shape with --input-shape C,H,W)"
     return ""
 
 
@@ -300,7 +303,7 @@ def check_model(model: nn.Module, data: torch.Tensor, spec: str = "--model") -> 
 
 def _forward_failed(spec: str, data: torch.Tensor, e: BaseException) -> str:
     what = raised(e) if isinstance(e, SystemExit) else _brief(e)
-    return f"{spec}: forward failed on data of shape (B, {data.shape[1]}): {what}"
+    return f"{spec}: forward failed on data of shape (B, {data.shape[1]}): {what}{_hint(e)}"
 
 
 def _check_output(out: object, x: torch.Tensor, spec: str) -> None:

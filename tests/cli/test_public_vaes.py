@@ -458,7 +458,10 @@ BAD = {
         ("KEY=VALUE", "'M_N'"),
     ),
     "antixk's loss without its M_N": ((*ANTIXK[:4], *ANTIXK[6:]), ("KeyError", "M_N")),
-    "antixk without --input-shape": (ANTIXK[:6], ("forward failed", "conv2d")),
+    "antixk without --input-shape": (
+        ANTIXK[:6],
+        ("forward failed", "conv2d", "give their shape with --input-shape C,H,W"),
+    ),
     "loss-arg without --loss": (("--loss-arg", "M_N=1"), ("--loss-arg", "--loss")),
     "input-shape without --model": (("--input-shape", "1,8,8"), ("--input-shape", "--model")),
     "antixk's loss on the built-in model": (
