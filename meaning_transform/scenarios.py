@@ -41,9 +41,9 @@ class _WithUnused(nn.Module):
         return self.inner(x)
 
 
-class _HiddenTerm(nn.Module):
-    """A loss whose total holds a term its named terms do not show (0.5 x reconstruction
-    added to the total only), as a user's loss that returns its total and terms."""
+class _LossWrapper(nn.Module):
+    """A loss around mtx's CombinedLoss that forwards its attributes, so the training
+    loop reads and sets the weights (a β schedule) on the loss inside."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
@@ -60,6 +60,11 @@ class _HiddenTerm(nn.Module):
             setattr(self._modules["inner"], name, value)
         else:
             super().__setattr__(name, value)
+
+
+class _HiddenTerm(_LossWrapper):
+    """A loss whose total holds a term its named terms do not show (0.5 x reconstruction
+    added to the total only), as a user's loss that returns its total and terms."""
 
     def forward(self, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, Any]:
         result = dict(self.inner(out, x))
@@ -68,24 +73,8 @@ class _HiddenTerm(nn.Module):
         return result
 
 
-class _TargetLeak(nn.Module):
+class _TargetLeak(_LossWrapper):
     """A loss fed the model's own reconstruction as the target (a classic wiring bug)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.endswith("_weight") and "inner" in self._modules:
-            setattr(self._modules["inner"], name, value)
-        else:
-            super().__setattr__(name, value)
 
     def forward(self, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, Any]:
         return self.inner(out, out["reconstruction"].detach())

@@ -10,6 +10,7 @@ import typer
 from meaning_transform.cli import common
 from meaning_transform.cli.common import (
     BatchSize,
+    BetaKwarg,
     DataPath,
     Device,
     Epochs,
@@ -51,15 +52,7 @@ def anneal_demo(
     loss_arg: LossArgs = None,
     loss_weight: LossWeights = None,
     input_shape: InputShape = None,
-    beta_kwarg: Annotated[
-        str | None,
-        typer.Option(
-            "--beta-kwarg",
-            help="With --loss: the keyword of your loss that takes the KL weight (e.g. M_N "
-            "or beta), which the β schedule sets each epoch.",
-            show_default=False,
-        ),
-    ] = None,
+    beta_kwarg: BetaKwarg = None,
     scenario: ScenarioName = "healthy",
     seed: Seed = 0,
     device: Device = "auto",

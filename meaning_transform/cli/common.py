@@ -532,6 +532,15 @@ LossWeights = Annotated[
         show_default=False,
     ),
 ]
+BetaKwarg = Annotated[
+    str | None,
+    typer.Option(
+        "--beta-kwarg",
+        help="With --loss: the keyword of your loss that takes the KL weight (e.g. M_N "
+        "or beta), which the β schedule sets each epoch.",
+        show_default=False,
+    ),
+]
 InputShape = Annotated[
     str | None,
     typer.Option(

@@ -9,6 +9,7 @@ import typer
 from meaning_transform.cli import common
 from meaning_transform.cli.common import (
     BatchSize,
+    BetaKwarg,
     DataPath,
     Device,
     Epochs,
@@ -62,15 +63,7 @@ def debug_extended(
     loss_arg: LossArgs = None,
     loss_weight: LossWeights = None,
     input_shape: InputShape = None,
-    beta_kwarg: Annotated[
-        str | None,
-        typer.Option(
-            "--beta-kwarg",
-            help="With --loss: the keyword of your loss that takes the KL weight (e.g. M_N "
-            "or beta), which the β schedule sets each epoch.",
-            show_default=False,
-        ),
-    ] = None,
+    beta_kwarg: BetaKwarg = None,
     scenario: ScenarioName = "healthy",
 ) -> None:
     """The deep look: inspect, probe and briefly train a VAE per data kind.
