@@ -488,8 +488,9 @@ ModelSpec = Annotated[
     str | None,
     typer.Option(
         "--model",
-        help="Your VAE: FILE.py:build or package.module:build; build() returns an nn.Module "
-        "whose forward(x) gives reconstruction, mu, log_var.",
+        help="Your VAE: FILE.py:NAME or package.module:NAME, a build function or an "
+        "nn.Module class; forward(x) may return a dict (reconstruction/recon/x_hat, mu, "
+        "log_var/logvar, z), a tuple or list such as (recon, mu, logvar), or an object.",
         show_default=False,
     ),
 ]
