@@ -74,10 +74,11 @@ def check_grads(
     Every optimizer step of --epochs epochs is monitored (512 samples, batch 128, 3 epochs:
     12 steps). Per step: the total gradient norm, which equals what
     torch.nn.utils.clip_grad_norm_ returns for the same gradients, and the ratio of the
-    gradient norms of the first and the last layer (Linear or conv) in forward order. For the last step, per parameter:
-    shape, norm, mean, std, min, max, share of exact zeros, NaN/Inf count and the update
-    relative to the weight. Parameters that require a gradient but never got one, and
-    vanished, non-finite, frozen or oversized updates are flagged. With --clip the
+    gradient norms of the first and the last layer (Linear or conv) in forward order.
+    For the last step, per parameter: shape, norm, mean, std, min, max, share of exact
+    zeros, NaN/Inf count and the update relative to the weight. Parameters that require
+    a gradient but never got one, and vanished, non-finite, frozen or oversized updates
+    are flagged. With --clip the
     gradients are clipped after they are measured: reported norms are before clipping.
 
     Example: mtx check-grads --epochs 2 --clip 1.0 --json
