@@ -227,7 +227,11 @@ def _kl_series(records: tuple[Any, ...]) -> list[float]:
     name = "kl" if "kl" in names else (names[0] if len(names) == 1 else None)
     if name is None:
         return []
-    return [r.raw.get(name, math.nan) for r in records]
+    series = [r.raw.get(name, math.nan) for r in records]
+    finite = [v for v in series if math.isfinite(v)]
+    if finite and max(finite) < 0:  # reported as -KL (AntixK's 'KLD'): a KL is >= 0
+        series = [-v for v in series]
+    return series
 
 
 def collapse_verdict(ev: RunEvidence) -> Verdict:

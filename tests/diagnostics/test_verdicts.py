@@ -3,6 +3,7 @@ oscillation rule's edges, and how findings from several runs are merged."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -222,3 +223,21 @@ def test_plateau_needs_enough_steps_and_says_so():
     assert loss_plateau(short) == [] and loss_plateau(long)
     assert any(c.code == "loss-plateau" and "steps" in c.reason for c in not_checked(short))
     assert all(c.code != "loss-plateau" for c in not_checked(long))
+
+
+def test_a_kl_term_reported_with_a_minus_sign_is_read_as_kl():
+    """AntixK's loss returns 'KLD' = -KL: a KL falling from 0.5 to 0.01 is collapse."""
+    from meaning_transform.diagnostics.rules import _kl_series
+
+    def rec(epoch: int, kld: float) -> EpochRecord:
+        base = record(epoch, 10.0)
+        return dataclasses.replace(base, raw={"Reconstruction_Loss": 1.0, "KLD": kld})
+
+    records = tuple(rec(e, v) for e, v in enumerate([-0.5, -0.2, -0.01]))
+    assert _kl_series(records) == [0.5, 0.2, 0.01]
+    ev = RunEvidence(
+        where="run",
+        records=tuple(dataclasses.replace(r, steps=10) for r in records),
+        latent=latent(collapsed=True),
+    )
+    assert collapse_verdict(ev).status == "finding"
