@@ -220,10 +220,15 @@ def nonfinite_input(ev: RunEvidence) -> list[Finding]:
     ]
 
 
+def _is_kl(name: str) -> bool:
+    """mtx's ``kl`` or a user's term whose name says KL (``KLD``, ``kl_loss``)."""
+    return "kl" in name.lower()
+
+
 def _kl_series(records: tuple[Any, ...]) -> list[float]:
     """The KL term per epoch: mtx's ``kl``, or the user's term whose name says KL
     (``KLD``, ``kl_loss``, ...); empty when the loss names none."""
-    names = [n for n in (records[0].raw if records else {}) if "kl" in n.lower()]
+    names = [n for n in (records[0].raw if records else {}) if _is_kl(n)]
     name = "kl" if "kl" in names else (names[0] if len(names) == 1 else None)
     if name is None:
         return []
@@ -507,6 +512,10 @@ def grad_conflict(ev: RunEvidence) -> list[Finding]:
             if share < CONFLICT_SHARE or mean_cos >= CONFLICT_INFO:
                 continue
             severity: Severity = "warning" if mean_cos < CONFLICT_WARNING else "info"
+            if _is_kl(a) or _is_kl(b):
+                # the KL term pulls the posterior to the prior, against the data terms, by
+                # design (more so in a β-VAE): noted, never a warning on its own
+                severity = "info"
             found.append(
                 Finding(
                     code="grad-conflict",

@@ -241,3 +241,35 @@ def test_a_kl_term_reported_with_a_minus_sign_is_read_as_kl():
         latent=latent(collapsed=True),
     )
     assert collapse_verdict(ev).status == "finding"
+
+
+@pytest.mark.parametrize(
+    ("pair", "severity"),
+    [
+        (("recon", "extra"), "warning"),
+        (("recon", "KLD"), "info"),
+        (("reconstruction", "kl"), "info"),
+    ],
+)
+def test_strong_conflict_with_the_kl_term_is_only_info(pair, severity):
+    from meaning_transform.diagnostics.attribution import Attribution
+    from meaning_transform.diagnostics.rules import grad_conflict
+
+    a, b = pair
+    att = Attribution(
+        terms=pair,
+        weights={a: 1.0, b: 1.0},
+        total_of=pair,
+        norm={a: 1.0, b: 1.0},
+        weighted_norm={a: 1.0, b: 1.0},
+        share={a: 0.5, b: 0.5},
+        cosine={a: {a: 1.0, b: -0.9}, b: {a: -0.9, b: 1.0}},
+        total_norm=1.0,
+        method="loop",
+        fallback_reason=None,
+        zero_gradient=(),
+        detached=(),
+        conflicts=((a, b),),
+    )
+    found = grad_conflict(RunEvidence(where="run", attributions=(att,) * 4))
+    assert [f.severity for f in found] == [severity]
