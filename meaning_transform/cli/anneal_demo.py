@@ -113,10 +113,8 @@ def anneal_demo(
                 "anneal-demo sets the KL weight each epoch: name the keyword of your --loss "
                 "that takes it with --beta-kwarg (e.g. --beta-kwarg M_N)"
             )
-        user = common.UserCode(
-            model, loss, tuple(loss_arg or ()), input_shape, beta_kwarg, tuple(loss_weight or ())
-        )
-        dataset, factory, fault, losses = common.prepare(opts, model, scenario, None, user)
+        user = common.UserCode.of(model, loss, loss_arg, loss_weight, input_shape, beta_kwarg)
+        dataset, factory, fault, losses = common.prepare(opts, user, scenario)
         options = AnnealConfig(
             **common.run_options(opts, model, scenario),
             schedule=schedule,

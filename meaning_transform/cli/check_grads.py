@@ -103,12 +103,8 @@ def check_grads(
         from meaning_transform.studies.check_grads import run_check_grads
         from meaning_transform.studies.report import CheckGradsConfig
 
-        user = common.UserCode(
-            model, loss, tuple(loss_arg or ()), input_shape, None, tuple(loss_weight or ())
-        )
-        dataset, factory, fault, losses = common.prepare(
-            opts, model, scenario, semantic_weight, user
-        )
+        user = common.UserCode.of(model, loss, loss_arg, loss_weight, input_shape)
+        dataset, factory, fault, losses = common.prepare(opts, user, scenario, semantic_weight)
         options = CheckGradsConfig(
             **common.run_options(opts, model, scenario, reduction),
             recon_weight=recon_weight,

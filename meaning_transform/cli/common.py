@@ -564,6 +564,21 @@ class UserCode:
     beta_kwarg: str | None = None  # the user's loss keyword a β schedule drives
     loss_weights: tuple[str, ...] = ()
 
+    @classmethod
+    def of(
+        cls,
+        model: str | None,
+        loss: str | None,
+        loss_arg: list[str] | None,
+        loss_weight: list[str] | None,
+        input_shape: str | None,
+        beta_kwarg: str | None = None,
+    ) -> UserCode:
+        """From the command's options as Typer gives them (repeatable ones may be None)."""
+        return cls(
+            model, loss, tuple(loss_arg or ()), input_shape, beta_kwarg, tuple(loss_weight or ())
+        )
+
 
 def loss_kwargs(items: tuple[str, ...], option: str = "--loss-arg") -> dict[str, object]:
     """``("M_N=0.005", "tag=x")`` -> ``{"M_N": 0.005, "tag": "x"}``."""
@@ -583,13 +598,11 @@ def loss_kwargs(items: tuple[str, ...], option: str = "--loss-arg") -> dict[str,
     return out
 
 
-def model_and_scenario(
-    model_spec: str | None, scenario_name: str, user: UserCode | None = None
-) -> tuple[Any, Any]:
+def model_and_scenario(user: UserCode, scenario_name: str) -> tuple[Any, Any]:
     """Resolve --model and --scenario (before any training) into (factory, scenario)."""
     from meaning_transform.scenarios import SCENARIOS
 
-    user = user or UserCode(model=model_spec)
+    model_spec = user.model
     if scenario_name not in SCENARIOS:
         raise UsageProblem(
             f"--scenario must be one of {'|'.join(SCENARIOS)}, got {scenario_name!r}"
@@ -666,10 +679,9 @@ def checked_model(
 
 def prepare(
     opts: CommonOptions,
-    model_spec: str | None,
+    user: UserCode,
     scenario_name: str,
     semantic_weight: float | None = None,
-    user: UserCode | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """Resolve --model/--loss/--scenario, load or make the data, check both on it.
 
@@ -678,11 +690,10 @@ def prepare(
     """
     from meaning_transform.studies.setup import get_data
 
-    user = user or UserCode(model=model_spec)
-    factory, scenario = model_and_scenario(model_spec, scenario_name, user)
+    factory, scenario = model_and_scenario(user, scenario_name)
     losses = loss_factory(user)
     dataset = get_data(opts.data, seed=opts.seed, scenario=scenario)
-    checked_model(factory, dataset, opts, model_spec, scenario, losses)
+    checked_model(factory, dataset, opts, user.model, scenario, losses)
     if semantic_weight and not dataset.agent_layout:
         raise UsageProblem(
             f"--semantic-weight needs the agent-state layout (10 features per row), "

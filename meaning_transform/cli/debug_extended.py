@@ -115,10 +115,8 @@ def debug_extended(
                 "debug-extended's annealing run sets the KL weight each epoch: name the "
                 "keyword of your --loss that takes it with --beta-kwarg (e.g. --beta-kwarg M_N)"
             )
-        user = common.UserCode(
-            model, loss, tuple(loss_arg or ()), input_shape, beta_kwarg, tuple(loss_weight or ())
-        )
-        factory, fault = common.model_and_scenario(model, scenario, user)
+        user = common.UserCode.of(model, loss, loss_arg, loss_weight, input_shape, beta_kwarg)
+        factory, fault = common.model_and_scenario(user, scenario)
         losses = common.loss_factory(user)
         sizes = {} if samples is None else {"n": samples}
         datasets = extended_datasets(data_kind, data, seed=seed, scenario=fault, **sizes)

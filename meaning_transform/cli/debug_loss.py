@@ -99,9 +99,7 @@ def debug_loss(
                     base.semantic if semantic_weight is None else semantic_weight,
                 ),
             )
-        user = common.UserCode(
-            model, loss, tuple(loss_arg or ()), input_shape, None, tuple(loss_weight or ())
-        )
+        user = common.UserCode.of(model, loss, loss_arg, loss_weight, input_shape)
         if loss is not None:
             if (kl_weight, recon_weight, semantic_weight) != (None, None, None):
                 raise common.UsageProblem(
@@ -109,9 +107,7 @@ def debug_loss(
                     "--loss replaces it (pass your weights with --loss-arg)"
                 )
             configs = (WeightConfig(loss.rpartition(":")[2], 1.0, 1.0, 0.0),)
-        dataset, factory, fault, losses = common.prepare(
-            opts, model, scenario, semantic_weight, user
-        )
+        dataset, factory, fault, losses = common.prepare(opts, user, scenario, semantic_weight)
         options = DebugLossConfig(
             **common.run_options(opts, model, scenario, reduction),
             recon_weight=recon_weight,
