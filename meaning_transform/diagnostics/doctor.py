@@ -39,7 +39,7 @@ from meaning_transform.diagnostics.attribution import (
 from meaning_transform.diagnostics.findings import Finding, NotChecked
 from meaning_transform.diagnostics.gradients import GradientHooks, dead_units
 from meaning_transform.diagnostics.history import EpochHistory
-from meaning_transform.diagnostics.latent import encode_means, latent_health
+from meaning_transform.diagnostics.latent import measure_latent
 from meaning_transform.diagnostics.noise import NoiseRecorder
 from meaning_transform.diagnostics.rules import RunEvidence, evaluate, noise_verdict, not_checked
 
@@ -144,6 +144,9 @@ class Doctor:
         self.detached_terms = False  # the loss's terms were all detached copies
         self.unexplained: list[float] = []  # per step, for a loss giving total and terms
         self.batch_size = 0  # of the latest step's batch
+        self.step_losses: list[float] = []  # the total of every step (NaN kept)
+        self._pending_losses: list[torch.Tensor] = []  # copied to the host in batches
+        self.step_batch_sizes: list[int] = []  # the batch size of every step (0: unknown)
 
     # ---- lifecycle: the gradient hooks live between attach() and close() ----
     def attach(self) -> Doctor:
@@ -201,6 +204,10 @@ class Doctor:
         if self.attribute_every and self.steps % self.attribute_every == 0:
             self._attribute(result)
         self.history.add_step(result)
+        self._pending_losses.append(result["loss"].detach().reshape(()))
+        self.step_batch_sizes.append(int(x.shape[0]) if x is not None and x.dim() else 0)
+        if len(self._pending_losses) >= 64:
+            self._flush_losses()
         if result.get("total_given") and result.get("terms"):
             self.unexplained.append(_unexplained(result))
         self.steps += 1
@@ -261,6 +268,12 @@ class Doctor:
         values = torch.stack([t.detach().to(torch.float64) for t in terms.values()]).cpu()
         self.term_values.append(dict(zip(terms, values.tolist(), strict=True)))
 
+    def _flush_losses(self) -> None:
+        if self._pending_losses:
+            values = torch.stack(self._pending_losses).double().cpu().tolist()
+            self.step_losses.extend(values)
+            self._pending_losses.clear()
+
     # ---- at the end ----
     def noise_changed(self) -> bool | None:
         """True when the noise was fresh, False when it repeated; None if not comparable."""
@@ -278,8 +291,7 @@ class Doctor:
         if data is not None and data.shape[0] >= 2 and bool(torch.isfinite(data).all()):
             device = next(self.model.parameters()).device
             sample = data[:1024].to(device)  # (N, D)
-            mu, log_var = encode_means(self.model, sample)
-            latent = latent_health(mu, log_var)
+            latent = measure_latent(self.model, sample)
             dead = dead_units(self.model, sample) or None
         return RunEvidence(
             where=self.where,
@@ -296,7 +308,13 @@ class Doctor:
             input_non_finite=self.input_non_finite,
             unexplained=tuple(self.unexplained),
             terms_detached=self.detached_terms,
+            step_losses=self._losses(),
+            step_batch_sizes=tuple(self.step_batch_sizes),
         )
+
+    def _losses(self) -> tuple[float, ...]:
+        self._flush_losses()
+        return tuple(self.step_losses)
 
     def records(self) -> tuple[Any, ...]:
         """The Doctor's own epoch history (an open epoch is closed first)."""

@@ -26,6 +26,9 @@ class Finding:
     where: str = ""  # the run, and the term or parameter it is about ("Default:kl")
     evidence: Mapping[str, float | int | str | None] = field(default_factory=dict)
     runs: tuple[str, ...] = ()  # the runs (configurations, data kinds) it was found in
+    # the code of the finding this one follows from ("" = a cause in its own right); see
+    # diagnostics/causes.py: a consequence is reported at info, after its cause
+    consequence_of: str = ""
 
     def __post_init__(self) -> None:  # a finding, like the report holding it, is read-only
         object.__setattr__(self, "evidence", MappingProxyType(dict(self.evidence)))
@@ -40,6 +43,7 @@ class Finding:
             "where": self.where,
             "evidence": dict(self.evidence),
             "runs": list(self.runs),
+            "consequence_of": self.consequence_of,
         }
 
 

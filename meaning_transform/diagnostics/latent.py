@@ -143,3 +143,9 @@ def encode_means(model: nn.Module, x: Tensor, batch_size: int = 1024) -> tuple[T
     if not mus:
         raise ValueError(f"expected at least one sample, got x of shape {tuple(x.shape)}")
     return torch.cat(mus), torch.cat(log_vars)  # (N, Z), (N, Z)
+
+
+def measure_latent(model: nn.Module, x: Tensor) -> LatentHealth:
+    """Latent health of ``model`` on the rows of ``x`` (eval mode, no grad)."""
+    mu, log_var = encode_means(model, x)
+    return latent_health(mu, log_var)

@@ -36,6 +36,10 @@ from torch import Tensor, nn
 from meaning_transform.diagnostics.thresholds import NOISE_SAME, NOISE_SAME_OUTPUT
 
 NOISE_PROBE = 32  # eps entries per step compared between steps (the noise fingerprint)
+NOISE_MIN_COMPARED = 4  # recovered entries two steps must share to be compared
+# sigma / |mu| above this: float32 keeps ~6e-8 relative precision, so a repeated draw is
+# recovered to ~6e-4 (below NOISE_SAME); below it z == mu in rounding and eps is lost
+RESOLVABLE = 1e-4
 _COLUMNS = 3  # pooled per entry: eps, log_var, log(eps**2)
 
 
@@ -112,8 +116,12 @@ class NoiseRecorder:
         z, mu, log_var = z.detach(), mu.detach(), log_var.detach()
         dtype = torch.promote_types(z.dtype, torch.float32)
         lv = log_var.to(dtype).flatten()  # (B*Z,)
-        eps = ((z.to(dtype) - mu.to(dtype)) * torch.exp(-0.5 * lv.view_as(z))).flatten()
-        ok = torch.isfinite(eps) & torch.isfinite(lv) & (eps != 0)  # (B*Z,)
+        sigma = torch.exp(0.5 * lv)  # (B*Z,)
+        eps = ((z.to(dtype) - mu.to(dtype)).flatten() / sigma).flatten()
+        # eps is recoverable only where sigma is not lost in the rounding of mu + sigma*eps
+        # (sigma < RESOLVABLE * |mu|: z == mu to the last bit, eps reads 0 every step)
+        resolvable = sigma > RESOLVABLE * mu.to(dtype).flatten().abs()
+        ok = torch.isfinite(eps) & torch.isfinite(lv) & (eps != 0) & resolvable  # (B*Z,)
         log_sq = 2 * torch.log(eps.abs())  # log(eps**2); -inf at 0, masked out by `ok`
         cols = torch.stack([eps, lv, log_sq], 1)  # (B*Z, 3)
         cols = torch.where(ok[:, None], cols, torch.zeros_like(cols))
@@ -121,7 +129,7 @@ class NoiseRecorder:
         mean = cols.sum(0) / n.clamp(min=1)  # (3,)
         centred = torch.where(ok[:, None], cols - mean, torch.zeros_like(cols))
         m2 = centred.T @ centred  # (3, 3)
-        fingerprint = eps[:NOISE_PROBE]
+        fingerprint = torch.where(ok, eps, torch.full_like(eps, math.nan))[:NOISE_PROBE]
         host = torch.cat([n[None].to(dtype), mean, m2.flatten(), fingerprint]).cpu()  # one copy
         host = host.to(torch.float64)
         count = float(host[0])
@@ -151,16 +159,18 @@ class NoiseRecorder:
         self.repeated += diff <= NOISE_SAME_OUTPUT * scale
 
     def _compare(self, shape: tuple[int, ...], fingerprint: Tensor) -> None:
-        if not bool(torch.isfinite(fingerprint).all()):
-            return  # a step with NaN/Inf noise is not comparable
+        # entries whose eps was not recovered (NaN/Inf, or sigma lost next to |mu|) are NaN
         last = self._last.get(shape)
         self._last[shape] = fingerprint
         if last is None:
             return
+        both = torch.isfinite(fingerprint) & torch.isfinite(last)
+        if int(both.sum()) < NOISE_MIN_COMPARED:
+            return  # too few recovered entries in common: not a comparable pair
         self.pairs += 1
         # recovered eps matches a repeated draw only to rounding (which grows as sigma
         # shrinks next to |mu|), while fresh draws differ by ~1: compare the median
-        self.repeated += float((fingerprint - last).abs().median()) <= NOISE_SAME
+        self.repeated += float((fingerprint[both] - last[both]).abs().median()) <= NOISE_SAME
 
     def repeats(self) -> NoiseRepeats | None:
         if self.pairs == 0:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from meaning_transform.diagnostics.causes import mark_consequences
 from meaning_transform.diagnostics.findings import (
     Finding,
     NotChecked,
@@ -81,6 +82,9 @@ class RunEvidence:
     # |total - sum(w * term)| / |total| per step, for a loss that gave both (else empty)
     unexplained: tuple[float, ...] = ()
     terms_detached: bool = False  # the loss's named terms were all detached copies
+    step_losses: tuple[float, ...] = ()  # the total loss of every step (NaN kept)
+    step_batch_sizes: tuple[int, ...] = ()  # the batch size of every step (0: unknown)
+    vae: Any = None  # vae_checks.VaeEvidence: KL audit, beta plan and KL trace per step
 
 
 RULES: list[Rule] = []
@@ -96,7 +100,7 @@ def evaluate(evidence: RunEvidence, rules: list[Rule] | None = None) -> list[Fin
     found: list[Finding] = []
     for r in RULES if rules is None else rules:
         found.extend(r(evidence))
-    return sort_findings(found)
+    return mark_consequences(found)
 
 
 def _fmt(x: float) -> str:
@@ -915,3 +919,10 @@ def not_checked(ev: RunEvidence) -> list[NotChecked]:
             )
         )
     return out
+
+
+# The VAE-specific checks (KL formula audit, beta schedule, collapse onset) live in their
+# own module; registered here so evaluate() runs them with the rest.
+from meaning_transform.diagnostics.vae_checks import VAE_RULES  # noqa: E402
+
+RULES.extend(VAE_RULES)

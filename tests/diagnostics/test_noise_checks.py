@@ -232,10 +232,32 @@ def test_recorder_skips_non_finite_noise_and_missing_z():
     z_nan[0, 0] = math.nan
     assert rec.record(mu, log_var, z_nan)
     assert rec.record(mu, log_var, z)
-    assert rec.repeats() is None  # the NaN step is not comparable
+    # the NaN entry is left out; the other entries of the two steps are compared
+    assert rec.repeats() == NoiseRepeats(pairs=1, repeated=1, probed=0)
     s = rec.scale()
     assert s is not None and s.dropped == 1 and s.samples == 2 * 64 - 1
     assert NOISE_PROBE == 32
+
+
+def test_noise_lost_in_the_rounding_of_mu_is_not_compared_or_pooled():
+    """A run with sigma tiny next to |mu| (lr far too high: log_var -> -40, mu ~ 10) has
+    z == mu to the last bit, so eps reads 0 on every step: that is not frozen noise."""
+    rec = NoiseRecorder()
+    for seed in range(4):
+        eps = _draw(16, 4, seed)
+        mu = torch.full((16, 4), 10.0)
+        log_var = torch.full((16, 4), -40.0)  # sigma 2e-9, below 1e-4 * |mu|
+        assert rec.record(mu, log_var, mu + torch.exp(0.5 * log_var) * eps)
+    assert rec.repeats() is None
+    assert rec.scale() is None
+    # at sigma = 1e-3 * |mu| the draws are recovered and compared (fresh: no repeat)
+    rec = NoiseRecorder()
+    for seed in range(4):
+        eps = _draw(16, 4, seed)
+        mu = torch.full((16, 4), 10.0)
+        log_var = torch.full((16, 4), 2 * math.log(1e-2))
+        rec.record(mu, log_var, mu + torch.exp(0.5 * log_var) * eps)
+    assert rec.repeats() == NoiseRepeats(pairs=3, repeated=0, probed=0)
 
 
 def test_probes_are_few_and_spread_over_the_run():
