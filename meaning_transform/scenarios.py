@@ -73,6 +73,71 @@ class _HiddenTerm(_LossWrapper):
         return result
 
 
+class _KlWrongSign(_LossWrapper):
+    """The KL written as 0.5 * sum(1 + log_var - mu^2 - exp(log_var)), the leading minus
+    dropped: the term is -KL, added with a positive weight, so the loss rewards KL."""
+
+    def forward(self, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, Any]:
+        result = dict(self.inner(out, x))
+        kl = result["terms"]["kl"]
+        result["terms"] = {**result["terms"], "kl": -kl}
+        result["kl_loss"] = -kl.detach()
+        result["loss"] = result["loss"] - 2 * result["weights"]["kl"] * kl
+        return result
+
+
+class _IgnoresBeta(_LossWrapper):
+    """A loss that keeps its starting KL weight: setting ``kl_loss_weight`` (the β
+    schedule) stores it where the loss never reads it."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "kl_loss_weight":
+            nn.Module.__setattr__(self, "ignored_beta", value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, Any]:
+        return self.inner(out, x)
+
+
+# The collapse-onset scenario's own β: 0.01 for its first steps, so the KL grows, then
+# doubled every step to a cap far above any useful β, so it collapses part-way through
+# (the built-in setup's KL peaks near 3 nats at step 8 and is gone by step 20).
+OVERSHOOT_START, OVERSHOOT_STEPS, OVERSHOOT_RATE, OVERSHOOT_MAX = 0.01, 6, 2.0, 10.0
+
+
+class _OvershootingBeta(_LossWrapper):
+    """A β warm-up that overshoots: the loss applies its own β, held at 0.01 and then
+    doubled every step up to 10 (``kl_loss_weight`` reads it). A β schedule that sets
+    ``kl_loss_weight`` (anneal-demo) replaces it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__(inner)
+        object.__setattr__(self, "calls", 0)  # plain attributes, not module state
+        object.__setattr__(self, "scheduled", None)
+
+    @property
+    def kl_loss_weight(self) -> float:
+        if self.scheduled is not None:  # a β schedule replaces the scenario's own β
+            return float(self.scheduled)
+        grow = max(0, self.calls - OVERSHOOT_STEPS)
+        return min(OVERSHOOT_MAX, OVERSHOOT_START * OVERSHOOT_RATE**grow)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "kl_loss_weight":
+            object.__setattr__(self, "scheduled", value)
+        super().__setattr__(name, value)
+
+    def forward(self, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, Any]:
+        result = dict(self.inner(out, x))
+        beta, inner_beta = self.kl_loss_weight, result["weights"]["kl"]
+        object.__setattr__(self, "calls", self.calls + 1)
+        kl = result["terms"]["kl"]
+        result["loss"] = result["loss"] + (beta - inner_beta) * kl
+        result["weights"] = {**result["weights"], "kl": beta}
+        return result
+
+
 class _TargetLeak(_LossWrapper):
     """A loss fed the model's own reconstruction as the target (a classic wiring bug)."""
 
@@ -110,6 +175,20 @@ def _opposing_term(out: dict, x: torch.Tensor) -> dict:
 
 
 @dataclass(frozen=True)
+class DeclaredSchedule:
+    """A β warm-up the run declares to the Doctor: linear from 0 to ``beta_max`` over
+    the first ``warmup`` share of the steps, then constant."""
+
+    warmup: float = 0.5
+    beta_max: float = 1.0
+
+    def over(self, steps: int) -> Callable[[int], float]:
+        """β at each step of a run of ``steps`` optimizer steps."""
+        ramp = max(1.0, self.warmup * steps)
+        return lambda step: self.beta_max * min(1.0, step / ramp)
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     findings: tuple[str, ...]  # the finding codes it demonstrates (none for healthy)
@@ -120,6 +199,10 @@ class Scenario:
     prepare: Callable[[nn.Module], nn.Module | None] | None = None  # edit/wrap the model
     wrap_loss: Callable[[nn.Module], nn.Module] | None = None
     nan_input: bool = False
+    # a β schedule the run declares to the Doctor (anneal-demo declares its own instead)
+    declared_beta: DeclaredSchedule | None = None
+    # the fault is the loss's own KL weight, which a β schedule (anneal-demo) replaces
+    beta_fault: bool = False
 
     def data(self, x: torch.Tensor) -> torch.Tensor:
         if not self.nan_input:
@@ -253,6 +336,30 @@ SCENARIOS: dict[str, Scenario] = {
             ("batch-dependent-weights",),
             "the original reductions: reconstruction and KL summed, semantic averaged",
             loss_kwargs={"reduction": "sum", "semantic_reduction": "mean"},
+        ),
+        Scenario(
+            "kl-wrong-sign",
+            ("kl-formula",),
+            "the KL written 0.5 * sum(1 + log_var - mu^2 - exp(log_var)), minus dropped: "
+            "the loss rewards KL",
+            wrap_loss=_KlWrongSign,
+        ),
+        Scenario(
+            "beta-ignored",
+            ("beta-schedule",),
+            "a β warm-up 0 -> 1 over half the run is declared, but the loss keeps its "
+            "starting KL weight (the schedule is set where the loss never reads it)",
+            wrap_loss=_IgnoresBeta,
+            declared_beta=DeclaredSchedule(warmup=0.5, beta_max=1.0),
+        ),
+        Scenario(
+            "collapse-onset",
+            ("collapse-onset",),
+            "β held at 0.01 for 6 steps while the KL grows, then doubled every step to 10: "
+            "the KL collapses part-way through",
+            wrap_loss=_OvershootingBeta,
+            lr=1e-2,
+            beta_fault=True,
         ),
         Scenario(
             "original",

@@ -13,15 +13,17 @@ the built-in loop uses, so every command and every user sees the same findings::
     findings = doctor.findings(data=x_all)            # hooks are gone here
 
 Per step it records the loss terms, the reparameterisation noise (fresh? standard
-normal? see :mod:`~meaning_transform.diagnostics.noise`), and every ``attribute_every``
-steps the per-term gradient attribution; the gradient statistics come from
-post-accumulate-grad hooks during ``backward``. At the end, given data, it measures
-latent health and dead ReLU units.
+normal? see :mod:`~meaning_transform.diagnostics.noise`), the KL term next to the
+analytic KL and the β applied (see :mod:`~meaning_transform.diagnostics.vae_checks`),
+and every ``attribute_every`` steps the per-term gradient attribution; the gradient
+statistics come from post-accumulate-grad hooks during ``backward``. At the end, given
+data, it measures latent health and dead ReLU units.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -41,7 +43,15 @@ from meaning_transform.diagnostics.gradients import GradientHooks, dead_units
 from meaning_transform.diagnostics.history import EpochHistory
 from meaning_transform.diagnostics.latent import measure_latent
 from meaning_transform.diagnostics.noise import NoiseRecorder
-from meaning_transform.diagnostics.rules import RunEvidence, evaluate, noise_verdict, not_checked
+from meaning_transform.diagnostics.rules import (
+    RunEvidence,
+    _is_kl,
+    evaluate,
+    noise_verdict,
+    not_checked,
+)
+from meaning_transform.diagnostics.vae_checks import VaeEvidence, VaeStep, vae_not_checked
+from meaning_transform.losses.kl import kl_per_sample
 
 
 class Findings(tuple[Finding, ...]):
@@ -96,13 +106,237 @@ def _unexplained(result: Mapping[str, Any]) -> float:
     return abs(total - explained) / max(abs(total), 1e-12)
 
 
+# The names the two most common public VAEs (pytorch/examples, AntixK) and their
+# variants give the method drawing z; neither returns z, so it is read here.
+REPARAMETERIZE_NAMES: tuple[str, ...] = ("reparameterize", "reparameterise", "reparametrize")
+_MISSING = object()
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same tensor, or a view of the same memory with the same layout."""
+    if a is b:
+        return True
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
+class _ReparamTap:
+    """Remembers what the model's own ``reparameterize(mu, log_var)`` returned.
+
+    The method is wrapped on the instance (shadowing the class's) while the Doctor is
+    attached, and restored on close. Only calls in train mode are remembered, and z is
+    handed out only for the ``mu`` it was drawn from, so a second sampling layer or a
+    probe pass is never mistaken for the step's draw.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.name = ""  # the wrapped method's name ("" = none)
+        self._original: object = _MISSING  # the instance attribute it shadowed, if any
+        self._tapped: Callable[..., Any] | None = None
+        self.calls = 0  # train-mode calls seen
+        self._z: torch.Tensor | None = None
+        self._inputs: tuple[torch.Tensor, ...] = ()
+
+    def attach(self) -> None:
+        if self._tapped is not None:
+            return
+        for name in REPARAMETERIZE_NAMES:
+            method = getattr(self.model, name, None)
+            if callable(method):
+                break
+        else:
+            return
+
+        def tapped(*args: Any, **kwargs: Any) -> Any:
+            z = method(*args, **kwargs)
+            if isinstance(z, torch.Tensor) and self.model.training:
+                self.calls += 1
+                self._z = z
+                values = (*args, *kwargs.values())
+                self._inputs = tuple(a for a in values if isinstance(a, torch.Tensor))
+            return z
+
+        original = vars(self.model).get(name, _MISSING)
+        try:
+            setattr(self.model, name, tapped)
+        except (AttributeError, TypeError, RuntimeError):  # e.g. a TorchScript module
+            return
+        self.name, self._original, self._tapped = name, original, tapped
+
+    def remove(self) -> None:
+        if self._tapped is None:
+            return
+        if vars(self.model).get(self.name) is self._tapped:
+            if self._original is _MISSING:
+                delattr(self.model, self.name)
+            else:
+                setattr(self.model, self.name, self._original)
+        self._tapped, self._z, self._inputs = None, None, ()
+
+    def z_for(self, mu: torch.Tensor) -> torch.Tensor | None:
+        """The latest z drawn from this ``mu`` (None if there is none); then forgotten."""
+        z, inputs = self._z, self._inputs
+        self._z, self._inputs = None, ()
+        if z is None or z.shape != mu.shape or not any(_same_tensor(a, mu) for a in inputs):
+            return None
+        return z
+
+
+VAE_MAX_STEPS = 512  # VaeStep records kept; beyond it every other one is dropped
+_FLUSH_EVERY = 64  # steps whose values wait on the device before one host copy
+# The KL weight is measured as (total - other terms) / KL term only when the KL term is
+# this share of |total| or more: float32 rounding of the total (~6e-8 of it) then moves
+# the measured weight by less than 0.1%.
+_KL_SHARE_MEASURABLE = 1e-4
+
+
+class _VaeRecorder:
+    """Per step: the analytic KL, the loss's KL term, its weight and the declared β.
+
+    Values wait on the device and are copied to the host in batches; the kept steps
+    are thinned to at most :data:`VAE_MAX_STEPS`, evenly spaced, plus the latest one.
+    """
+
+    def __init__(
+        self,
+        beta_schedule: Callable[[int], float] | None,
+        beta_max: float | None,
+        kl_term: str | None,
+    ) -> None:
+        self.beta_schedule = beta_schedule
+        self.beta_max = beta_max
+        self.kl_name = kl_term
+        self.kl_term = ""
+        self.problem = "no step was recorded"
+        self.weight_source = ""
+        self.seen = 0
+        self.stride = 1
+        self.steps: list[VaeStep] = []
+        self.last: VaeStep | None = None
+        # (index among recorded steps, step, B, Z, declared β, weight given, device values)
+        self._pending: list[tuple[int, int, int, int, float, float, torch.Tensor]] = []
+
+    def _kl_of(self, terms: Mapping[str, torch.Tensor]) -> str:
+        """The KL term's name ("" when none, with ``problem`` saying why)."""
+        if self.kl_name is not None:
+            if self.kl_name in terms:
+                return self.kl_name
+            shown = ", ".join(terms) or "none"
+            self.problem = f"kl_term {self.kl_name!r} is not among the loss's terms ({shown})"
+            return ""
+        named = [n for n in terms if _is_kl(n)]
+        if len(named) == 1:
+            return named[0]
+        if not terms:
+            self.problem = (
+                "the loss returns one scalar: return its named terms, e.g. "
+                "{'loss': total, 'recon': recon, 'kl': kl}"
+            )
+        elif not named:
+            self.problem = (
+                f"no term of the loss is named as a KL ({', '.join(terms)}): name it "
+                "(a name holding 'kl') or pass Doctor(kl_term=...)"
+            )
+        else:
+            self.problem = (
+                f"{len(named)} terms are named as a KL ({', '.join(named)}): pass "
+                "Doctor(kl_term=...)"
+            )
+        return ""
+
+    def record(
+        self, step: int, roles: Mapping[str, torch.Tensor], result: Mapping[str, Any]
+    ) -> None:
+        mu, log_var = roles.get("mu"), roles.get("log_var")
+        if mu is None or log_var is None or mu.shape != log_var.shape or mu.numel() == 0:
+            return
+        batch = int(mu.shape[0]) if mu.dim() >= 2 else 1
+        dtype = torch.float32 if mu.device.type == "mps" else torch.float64  # MPS has no f64
+        mu2 = mu.detach().to(dtype).reshape(batch, -1)  # (B, Z)
+        lv2 = log_var.detach().to(dtype).reshape(batch, -1)  # (B, Z)
+        analytic = kl_per_sample(mu2, lv2).mean()
+        terms = {n: t for n, t in result.get("terms", {}).items() if "/" not in n}
+        weights = result.get("weights", {})
+        name = self._kl_of(terms)
+        nan = analytic.new_tensor(math.nan)
+        term = total = rest = nan
+        given = math.nan
+        if name:
+            self.kl_term = name
+            term = terms[name].detach().to(dtype).reshape(())
+            given = float(weights.get(name, 1.0))
+            if result.get("total_given"):
+                total = result["loss"].detach().to(dtype).reshape(())
+                rest = total.new_zeros(())
+                for other, t in terms.items():
+                    if other != name:
+                        rest = rest + float(weights.get(other, 1.0)) * t.detach().to(dtype)
+        declared = math.nan
+        if self.beta_schedule is not None:
+            declared = float(self.beta_schedule(step))
+        values = torch.stack([analytic, term, total, rest])  # (4,)
+        self._pending.append((self.seen, step, batch, mu2.shape[1], declared, given, values))
+        self.seen += 1
+        if len(self._pending) >= _FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        host = torch.stack([p[-1] for p in self._pending]).cpu().tolist()  # one copy
+        for (index, step, batch, dim, declared, given, _), values in zip(
+            self._pending, host, strict=True
+        ):
+            analytic, term, total, rest = values
+            weight = given
+            if math.isfinite(total):
+                self.weight_source = "total"
+                measurable = abs(term) >= _KL_SHARE_MEASURABLE * abs(total) and term != 0.0
+                weight = (total - rest) / term if measurable and math.isfinite(rest) else math.nan
+            elif math.isfinite(given):
+                self.weight_source = self.weight_source or "weights"
+            record = VaeStep(step, analytic, term, batch, dim, weight, declared, given)
+            self.last = record
+            if index % self.stride == 0:
+                self.steps.append(record)
+                if len(self.steps) > VAE_MAX_STEPS:
+                    self.steps = self.steps[::2]
+                    self.stride *= 2
+        self._pending.clear()
+
+    def evidence(self) -> VaeEvidence:
+        self.flush()
+        steps = list(self.steps)
+        if self.last is not None and (not steps or steps[-1].step != self.last.step):
+            steps.append(self.last)
+        return VaeEvidence(
+            steps=tuple(steps),
+            steps_seen=self.seen,
+            stride=self.stride,
+            kl_term=self.kl_term,
+            kl_term_problem="" if self.kl_term else self.problem,
+            weight_source=self.weight_source,
+            schedule_declared=self.beta_schedule is not None,
+            beta_max=self.beta_max,
+        )
+
+
 class Doctor:
     """Collects evidence during training and turns it into findings.
 
     Args:
         model: the VAE; ``forward(x)`` returns ``reconstruction``, ``mu``, ``log_var``
-            and ideally ``z`` (the noise-scale check needs it; without it the frozen-noise
-            check runs the step's batch twice more on a few steps, see ``noise.py``).
+            and ideally ``z`` (the noise-scale check needs it). Without ``z``, a method
+            named ``reparameterize`` (or ``reparameterise``, ``reparametrize``) is wrapped
+            on the instance while attached and its output read as z; without either, the
+            frozen-noise check runs the step's batch twice more on a few steps (see
+            ``noise.py``).
         where: the name findings are reported under.
         attribute_every: per-term gradient attribution every k steps (0 = never). Each
             attribution costs one extra backward pass per term.
@@ -113,6 +347,12 @@ class Doctor:
         steps_per_epoch: in a user's loop, close an epoch of the Doctor's own history
             every k steps (None: call :meth:`epoch_end` at each epoch's end; a history
             with no epoch closed is one epoch).
+        beta_schedule: the KL weight you mean to apply at step t (0-based, one per
+            :meth:`step` call); ``beta-schedule`` checks the weight the loss applied.
+        beta_max: the KL weight the schedule should reach; ``beta-schedule`` fires when
+            the weight applied (or declared) never came within 5% of it.
+        kl_term: the name of the loss's KL term (default: the one term whose name holds
+            "kl"), for the KL audit (``kl-formula``) and the β measurement.
     """
 
     def __init__(
@@ -123,6 +363,9 @@ class Doctor:
         attribution_method: Method = "loop",
         semantic_features: bool = True,
         steps_per_epoch: int | None = None,
+        beta_schedule: Callable[[int], float] | None = None,
+        beta_max: float | None = None,
+        kl_term: str | None = None,
     ) -> None:
         if attribute_every < 0:
             raise ValueError(f"attribute_every must be >= 0, got {attribute_every}")
@@ -147,15 +390,19 @@ class Doctor:
         self.step_losses: list[float] = []  # the total of every step (NaN kept)
         self._pending_losses: list[torch.Tensor] = []  # copied to the host in batches
         self.step_batch_sizes: list[int] = []  # the batch size of every step (0: unknown)
+        self.vae = _VaeRecorder(beta_schedule, beta_max, kl_term)
+        self.reparameterize = _ReparamTap(model)  # z for a model that returns none
 
     # ---- lifecycle: the gradient hooks live between attach() and close() ----
     def attach(self) -> Doctor:
         if not self.hooks.active:
             self.hooks.__enter__()
+        self.reparameterize.attach()
         return self
 
     def close(self) -> None:
         self.hooks.remove()
+        self.reparameterize.remove()
 
     def __enter__(self) -> Doctor:
         return self.attach()
@@ -201,6 +448,8 @@ class Doctor:
                 self.hooks.set_example_input(x[:8])
         self.reduction = dict(reduction or result.get("reduction", self.reduction))
         self._record_noise(roles, x)
+        if self.model.training:
+            self.vae.record(self.steps, roles, result)
         if self.attribute_every and self.steps % self.attribute_every == 0:
             self._attribute(result)
         self.history.add_step(result)
@@ -226,11 +475,17 @@ class Doctor:
         self.step(ctx.output, ctx.loss, ctx.batch)
 
     def _record_noise(self, output: Mapping[str, torch.Tensor], x: torch.Tensor | None) -> None:
-        """The step's noise from (mu, log_var, z); without z, now and then two extra passes."""
+        """The step's noise from (mu, log_var, z); z from the output or from the model's
+        ``reparameterize``; without z (or with no eps recovered from it: z == mu), now
+        and then two extra passes."""
         if not self.model.training or "mu" not in output or "log_var" not in output:
             return
-        if self.noise.record(output["mu"], output["log_var"], output.get("z")):
-            return
+        z = output.get("z")
+        drawn = self.reparameterize.z_for(output["mu"])
+        recovered = self.noise.scale_steps
+        if self.noise.record(output["mu"], output["log_var"], z if z is not None else drawn):
+            if self.noise.scale_steps > recovered:
+                return
         if x is not None and "reconstruction" in output and self.noise.probe_due():
             model = self.model
             self.noise.probe(model, lambda: _roles_dict(model(x), x)["reconstruction"])
@@ -310,6 +565,7 @@ class Doctor:
             terms_detached=self.detached_terms,
             step_losses=self._losses(),
             step_batch_sizes=tuple(self.step_batch_sizes),
+            vae=self.vae.evidence(),
         )
 
     def _losses(self) -> tuple[float, ...]:
@@ -334,7 +590,8 @@ class Doctor:
         a user's loop with nothing built by hand.
         """
         evidence = self.evidence(records or self.records(), data, batch_size or self.batch_size)
-        return Findings(evaluate(evidence), tuple(not_checked(evidence)))
+        skipped = not_checked(evidence) + vae_not_checked(evidence)
+        return Findings(evaluate(evidence), tuple(skipped))
 
     def summary(self) -> AttributionSummary | None:
         """Attribution averaged over the attributed steps (None before any attribution)."""

@@ -14,19 +14,28 @@ Definitions (the references the tests hold us to):
   batch mean. lambda defaults to 0.1 nats per dimension — a small floor that does not
   move a healthy latent; pass the value your training uses.
 - Collapsed dimension: mean KL < 0.01 nats (the posterior is the prior, so the dimension
-  carries almost no information). ``collapsed`` (posterior collapse) is True when every
-  dimension is collapsed or no unit is active — either way z says nothing about x.
+  carries almost no information); shown per dimension, not the collapse test.
+- Collapse is judged on the information the whole latent carries: the batch-mean KL is an
+  upper bound on I(x; z) (Hoffman & Johnson 2016), so ``kl_total`` < ln 2 nats means z
+  carries less than one bit per sample, too little to tell even two inputs apart.
+  ``collapsed`` is True then, or when no unit is active (mu does not vary with x).
+- Reconstruction gain: 1 - MSE(reconstruction, x) / MSE(mean of x, x), the share of the
+  variance around the data mean that the reconstruction explains (1 perfect, 0 no better
+  than predicting the mean). A decoder that ignores z can do no better than the mean, so a
+  large gain with a tiny KL means the numbers disagree (see ``rules.collapse_verdict``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
 from meaning_transform.adapters import output_roles
 from meaning_transform.diagnostics._modes import evaluating
+from meaning_transform.diagnostics.thresholds import COLLAPSE_KL_TOTAL
 from meaning_transform.losses.kl import kl_per_dim as kl_per_dimension
 
 
@@ -46,8 +55,10 @@ class LatentHealth:
     free_bits_lambda: float
     collapsed_dims: tuple[int, ...]  # indices with kl_per_dim < collapse_threshold
     collapse_threshold: float
-    collapsed: bool  # all dims collapsed, or no active unit
+    collapsed: bool  # kl_total < ln 2 nats (under one bit per sample), or no active unit
     non_finite: int  # NaN/Inf entries in mu and log_var (their results are NaN too)
+    # 1 - MSE(reconstruction, x) / MSE(mean of x, x) in eval mode; None when not measured
+    recon_gain: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         """Plain, JSON-friendly data (tuples become lists)."""
@@ -114,9 +125,50 @@ def latent_health(
         free_bits_lambda=free_bits_lambda,
         collapsed_dims=collapsed_dims,
         collapse_threshold=collapse_threshold,
-        collapsed=len(collapsed_dims) == z or not any(active),
+        collapsed=sum(kl) < COLLAPSE_KL_TOTAL or not any(active),
         non_finite=int(host[2 * z + 1]),
     )
+
+
+def reconstruction_gain(reconstruction: Tensor, x: Tensor) -> float | None:
+    """1 - MSE(reconstruction, x) / MSE(mean of x, x): how much of the variance around the
+    data mean the reconstruction explains (1 perfect, 0 the mean's, below 0 worse).
+
+    None when the reconstruction is not shaped like ``x`` (nor row-flat with as many
+    entries per row), when anything is NaN/Inf, or when ``x`` does not vary.
+
+    Shape:
+        - reconstruction: (N, D) or x's shape; x: (N, ...) -> a host float
+    """
+    n = x.shape[0]
+    if reconstruction.shape[0] != n or reconstruction.numel() != x.numel() or n < 2:
+        return None
+    rec = reconstruction.detach().reshape(n, -1).to(torch.float64)  # (N, D)
+    data = x.detach().reshape(n, -1).to(device=rec.device, dtype=torch.float64)  # (N, D)
+    error = (rec - data).pow(2).sum()
+    spread = (data - data.mean(dim=0)).pow(2).sum()  # the data mean's squared error
+    error_host, spread_host = torch.stack([error, spread]).cpu().tolist()  # one host copy
+    if not (math.isfinite(error_host) and math.isfinite(spread_host)) or spread_host <= 0:
+        return None
+    return 1.0 - error_host / spread_host
+
+
+def _eval_roles(model: nn.Module, x: Tensor, batch_size: int) -> tuple[Tensor, ...]:
+    """``(mu, log_var, reconstruction)`` for every row of ``x`` (eval mode, no grad)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next((p.device for p in model.parameters()), x.device)
+    mus, log_vars, recons = [], [], []
+    with evaluating(model), torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            rows = x[start : start + batch_size].to(device)
+            roles = output_roles(model(rows), rows)  # any output form (tuple, object, ...)
+            mus.append(roles.mu)
+            log_vars.append(roles.log_var)
+            recons.append(roles.reconstruction)
+    if not mus:
+        raise ValueError(f"expected at least one sample, got x of shape {tuple(x.shape)}")
+    return torch.cat(mus), torch.cat(log_vars), torch.cat(recons)  # (N, Z), (N, Z), (N, ...)
 
 
 def encode_means(model: nn.Module, x: Tensor, batch_size: int = 1024) -> tuple[Tensor, Tensor]:
@@ -130,22 +182,13 @@ def encode_means(model: nn.Module, x: Tensor, batch_size: int = 1024) -> tuple[T
     Shape:
         - x: (N, D) -> mu, log_var: (N, Z)
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next((p.device for p in model.parameters()), x.device)
-    mus, log_vars = [], []
-    with evaluating(model), torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            rows = x[start : start + batch_size].to(device)
-            roles = output_roles(model(rows), rows)  # any output form (tuple, object, ...)
-            mus.append(roles.mu)
-            log_vars.append(roles.log_var)
-    if not mus:
-        raise ValueError(f"expected at least one sample, got x of shape {tuple(x.shape)}")
-    return torch.cat(mus), torch.cat(log_vars)  # (N, Z), (N, Z)
+    mu, log_var, _ = _eval_roles(model, x, batch_size)
+    return mu, log_var
 
 
-def measure_latent(model: nn.Module, x: Tensor) -> LatentHealth:
-    """Latent health of ``model`` on the rows of ``x`` (eval mode, no grad)."""
-    mu, log_var = encode_means(model, x)
-    return latent_health(mu, log_var)
+def measure_latent(model: nn.Module, x: Tensor, batch_size: int = 1024) -> LatentHealth:
+    """Latent health of ``model`` on the rows of ``x`` (eval mode, no grad), with the
+    reconstruction's gain over predicting the data mean (:func:`reconstruction_gain`)."""
+    mu, log_var, reconstruction = _eval_roles(model, x, batch_size)
+    health = latent_health(mu, log_var)
+    return replace(health, recon_gain=reconstruction_gain(reconstruction, x))

@@ -8,6 +8,7 @@ stable and listed in the README.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,18 +19,22 @@ from meaning_transform.diagnostics.findings import (
     NotChecked,
     Severity,
     Verdict,
-    sort_findings,
 )
 from meaning_transform.diagnostics.thresholds import (
+    COLLAPSE_KL_TOTAL,
     COLLAPSE_MIN_STEPS,
+    COLLAPSE_RECON_GAIN,
+    COLLAPSE_TREND_STEPS,
     CONFLICT_INFO,
     CONFLICT_SHARE,
     CONFLICT_WARNING,
     DEAD_RELU,
     DOMINANCE,
-    EXPLODING_NORM,
+    EXPLODING_BASELINE_STEPS,
+    EXPLODING_GROWTH,
     EXPLODING_RATIO,
-    NO_GRAD_MIN_VALUE,
+    LOSS_SCALE_STEPS,
+    NO_GRAD_MIN_SHARE,
     NO_GRAD_RELATIVE,
     NOISE_EXPONENT_MAX_SE,
     NOISE_EXPONENT_TOLERANCE,
@@ -41,6 +46,7 @@ from meaning_transform.diagnostics.thresholds import (
     OSC_RISE,
     OSC_RISE_SHARE,
     OSC_SPIKE,
+    OSC_SPIKE_WINDOW,
     OSCILLATION_MIN_EPOCHS,
     PLATEAU_IMPROVEMENT,
     PLATEAU_MIN_EPOCHS,
@@ -243,13 +249,49 @@ def _kl_series(records: tuple[Any, ...]) -> list[float]:
     return series
 
 
+def _kl_trend(ev: RunEvidence) -> tuple[float, float] | None:
+    """KL at the start and at the end of training: the loss's KL term in the first and
+    last epochs, else (a loss that names no KL term) the analytic KL of mu and log_var
+    the VAE checks traced, as medians of the first and last COLLAPSE_TREND_STEPS
+    recorded steps. None when neither was measured."""
+    kl = [v for v in _kl_series(ev.records) if math.isfinite(v)]
+    if kl:
+        return kl[0], kl[-1]
+    trace = [s.analytic_kl for s in getattr(ev.vae, "steps", ())]
+    trace = [v for v in trace if math.isfinite(v)]
+    if len(trace) < 2:
+        return None
+    n = min(COLLAPSE_TREND_STEPS, len(trace) // 2)
+    return statistics.median(trace[:n]), statistics.median(trace[-n:])
+
+
+def _latent_information(lat: Any) -> str:
+    """What the latent carries, in words: KL per sample, active units, reconstruction."""
+    text = (
+        f"KL {_fmt(lat.kl_total)} nats ({_fmt(lat.kl_total / math.log(2))} bits) per sample, "
+        f"{lat.active_units}/{lat.latent_dim} units active"
+    )
+    gain = getattr(lat, "recon_gain", None)
+    if gain is not None:
+        text += f", the reconstruction explains {gain:.0%} of the variance the data mean leaves"
+    return text
+
+
 def collapse_verdict(ev: RunEvidence) -> Verdict:
     """Whether the posterior-collapse rule judges this run collapsed, and if not, why.
 
-    At initialisation the encoder means barely vary (no unit is "active" yet), so
-    the rule waits for COLLAPSE_MIN_STEPS steps and asks that KL has not risen
-    since the first epoch: collapse is where training went, not where it started.
-    A latent table shows this verdict, so the table and the findings never disagree.
+    Collapse is judged by how much information the latent carries: the batch-mean KL
+    bounds I(x; z), and under COLLAPSE_KL_TOTAL nats z cannot tell which half of the data
+    an input came from 3 times in 4; with no active unit the encoder's mean ignores x.
+    The reconstruction against predicting the data mean is the supporting evidence: a
+    decoder given a z that says nothing about x can do no better than the mean, so a gain
+    above COLLAPSE_RECON_GAIN contradicts a tiny KL while units are active, and collapse is
+    not called; with no active unit it means the decoder sees x another way (a decoder
+    too strong, e.g. a skip path from x) and z is unused: collapse.
+    At initialisation the encoder means barely vary (no unit is "active" yet), so the
+    rule waits for COLLAPSE_MIN_STEPS steps and asks that KL has not risen since the
+    first epoch: collapse is where training went, not where it started. A latent table
+    shows this verdict, so the table and the findings never disagree.
     """
     code = "posterior-collapse"
     lat = ev.latent
@@ -257,8 +299,10 @@ def collapse_verdict(ev: RunEvidence) -> Verdict:
         return Verdict(code, "not-judged", "latent health was not measured (no finite data)")
     if lat.non_finite:
         return Verdict(code, "not-judged", f"mu/log_var hold {lat.non_finite} NaN/Inf values")
-    if not lat.collapsed:
-        return Verdict(code, "ok", f"{lat.active_units}/{lat.latent_dim} units active")
+    info = _latent_information(lat)
+    low_kl = lat.kl_total < COLLAPSE_KL_TOTAL
+    if not low_kl and lat.active_units > 0:
+        return Verdict(code, "ok", info)
     steps = sum(r.steps for r in ev.records)
     if steps < COLLAPSE_MIN_STEPS:
         return Verdict(
@@ -267,32 +311,54 @@ def collapse_verdict(ev: RunEvidence) -> Verdict:
             f"judged after {COLLAPSE_MIN_STEPS} optimizer steps, this run made {steps}: "
             "a freshly initialised encoder has no active units yet",
         )
-    kl = _kl_series(ev.records)
-    if kl and kl[-1] > kl[0]:
+    trend = _kl_trend(ev)
+    if trend is not None and trend[1] > trend[0]:
         return Verdict(
             code,
             "not-judged",
-            f"KL rose during training ({_fmt(kl[0])} -> {_fmt(kl[-1])}): the latents are "
-            "still waking up, not collapsing",
+            f"KL rose during training ({_fmt(trend[0])} -> {_fmt(trend[1])}): the latents "
+            "are still waking up, not collapsing",
         )
-    return Verdict(code, "finding", "every dimension below the threshold or no unit active")
+    gain = getattr(lat, "recon_gain", None)
+    if gain is not None and gain > COLLAPSE_RECON_GAIN and lat.active_units > 0:
+        return Verdict(
+            code,
+            "not-judged",
+            f"{info}: a z that says next to nothing about x cannot beat the data mean, so "
+            "the numbers disagree: the decoder sees x another way, or the KL term does "
+            "not bound what z carries (see kl-formula)",
+        )
+    if gain is not None and gain > COLLAPSE_RECON_GAIN:
+        why = (
+            "no unit's mean varies with x, yet the reconstruction is good: the decoder "
+            "reconstructs without z (it sees x another way) and z is unused"
+        )
+    elif low_kl:
+        why = (
+            f"under {COLLAPSE_KL_TOTAL:.3g} nats z cannot tell which half of the data an "
+            "input came from 3 times in 4"
+        )
+    else:
+        why = "no unit's mean varies with x"
+    return Verdict(code, "finding", f"{info}: {why}")
 
 
 @rule
 def posterior_collapse(ev: RunEvidence) -> list[Finding]:
-    """Collapsed latents after real training, with KL not growing (see collapse_verdict)."""
-    if collapse_verdict(ev).status != "finding":
+    """The latent carries (almost) no information after real training, with KL not
+    growing (see collapse_verdict)."""
+    verdict = collapse_verdict(ev)
+    if verdict.status != "finding":
         return []
     lat = ev.latent
     return [
         Finding(
             code="posterior-collapse",
             severity="warning",
-            title="Posterior collapse: the KL term vanished",
+            title="Posterior collapse: the latent carries no information",
             message=(
-                f"{lat.active_units} of {lat.latent_dim} latent units active "
-                f"(Var of mu > {lat.active_threshold}); KL {_fmt(lat.kl_total)} nats, "
-                f"{len(lat.collapsed_dims)} dims below {lat.collapse_threshold}"
+                f"{verdict.reason} (collapse: KL < {COLLAPSE_KL_TOTAL:.3g} nats or no unit "
+                f"with Var of mu > {lat.active_threshold})"
             ),
             remedy=(
                 "Anneal beta from ~0 (mtx anneal-demo --schedule cyclical), lower the KL "
@@ -303,6 +369,7 @@ def posterior_collapse(ev: RunEvidence) -> list[Finding]:
                 "active_units": lat.active_units,
                 "latent_dim": lat.latent_dim,
                 "kl_total": lat.kl_total,
+                "recon_gain": getattr(lat, "recon_gain", None),
             },
             where=ev.where,
         )
@@ -424,9 +491,18 @@ def noise_scale(ev: RunEvidence) -> list[Finding]:
     ]
 
 
+def _total_magnitude(att: Any, values: dict[str, float]) -> float:
+    """sum |weight x term| over the terms the total is made of, at one attributed step
+    (all terms when the attribution names none): the loss's scale at that step."""
+    names = att.total_of or tuple(values)
+    return sum(abs(att.weights.get(n, 1.0) * values.get(n, 0.0)) for n in names)
+
+
 @rule
 def no_grad_path(ev: RunEvidence) -> list[Finding]:
-    """A term with a real value whose gradient is (near) zero at every attributed step."""
+    """A term with a real value whose gradient is (near) zero at every attributed step:
+    the gradient norm relative to the term's value, judged where the term is worth more
+    than NO_GRAD_MIN_SHARE of the total at that step (both ratios: scale-free)."""
     found: list[Finding] = []
     if not ev.attributions:
         return found
@@ -436,7 +512,7 @@ def no_grad_path(ev: RunEvidence) -> list[Finding]:
             value = abs(values.get(name, 0.0))
             # only a term with something to learn: a saturated, near-zero term (e.g. a
             # BCE at its 1e-6 clamp) has no gradient because it is already right
-            if value > NO_GRAD_MIN_VALUE:
+            if value > NO_GRAD_MIN_SHARE * _total_magnitude(att, values):
                 ratios.append(att.norm.get(name, 0.0) / value)
         if ratios and max(ratios) <= NO_GRAD_RELATIVE:
             value = ev.term_values[-1].get(name, math.nan)
@@ -447,7 +523,9 @@ def no_grad_path(ev: RunEvidence) -> list[Finding]:
                     title=f"{name} has a value but no gradient",
                     message=(
                         f"{name} = {_fmt(value)} contributes to the loss but its gradient "
-                        f"norm is {_fmt(ev.attributions[-1].norm.get(name, 0.0))}: "
+                        f"norm is {_fmt(ev.attributions[-1].norm.get(name, 0.0))}, at most "
+                        f"{NO_GRAD_RELATIVE:g} x its value at all {len(ratios)} attributed "
+                        f"steps where it was over {NO_GRAD_MIN_SHARE:g} of the total: "
                         "it cannot be reduced by training"
                     ),
                     remedy=(
@@ -541,67 +619,137 @@ def grad_conflict(ev: RunEvidence) -> list[Finding]:
     return found
 
 
+def _loss_scale(ev: RunEvidence) -> float | None:
+    """The loss scale the last gradients answer to: the median |total loss| over the last
+    LOSS_SCALE_STEPS finite steps of the last step's batch size (so a summed loss's short
+    last batch is set against its own kind), else over the last epoch totals. None when
+    no finite, non-zero loss was recorded. A summed loss (x batch) scales it as it scales
+    the gradients."""
+    losses = ev.step_losses
+    if losses:
+        sizes = _batch_sizes(ev)
+        recent = [abs(v) for v, b in zip(losses, sizes) if b == sizes[-1] and math.isfinite(v)]
+    else:
+        recent = [abs(r.total) for r in ev.records if math.isfinite(r.total)]
+    recent = recent[-LOSS_SCALE_STEPS:]
+    scale = statistics.median(recent) if recent else 0.0
+    return scale if scale > 0 else None
+
+
+def _batch_sizes(ev: RunEvidence) -> tuple[int, ...]:
+    """The batch size of every step loss (0, all alike, when not recorded)."""
+    if len(ev.step_batch_sizes) == len(ev.step_losses):
+        return ev.step_batch_sizes
+    return (0,) * len(ev.step_losses)
+
+
 @rule
 def vanishing_grad(ev: RunEvidence) -> list[Finding]:
+    """Gradients tiny next to the loss they come from (DeepDiagnosis's mean |g| and
+    AUTOTRAINER's first layer, both divided by the loss scale), or a first layer that
+    gets 1000x less gradient than the last (AUTOTRAINER)."""
     if not ev.snapshots:
         return []
     last = ev.snapshots[-1]
     grads = [p for p in last.params if p.has_grad and p.abs_mean is not None]
-    if not grads:
-        return []
     numel = sum(p.numel for p in grads)
+    if not grads or numel == 0:
+        return []
     abs_mean = sum((p.abs_mean or 0.0) * p.numel for p in grads) / numel
     first = last.param(last.first_layer) if last.first_layer else None
     first_norm = first.norm if first is not None and first.norm is not None else math.nan
     ratio = last.first_last_ratio
-    by_ratio = ratio is not None and ratio < VANISHING_RATIO and first_norm < VANISHING_FIRST
-    if not (abs_mean < VANISHING_ABS_MEAN or by_ratio):
+    scale = _loss_scale(ev)
+    per = scale if scale is not None else 1.0
+    rel_mean, rel_first = abs_mean / per, first_norm / per
+    by_ratio = ratio is not None and ratio < VANISHING_RATIO and rel_first < VANISHING_FIRST
+    if not (rel_mean < VANISHING_ABS_MEAN or by_ratio):
         return []
+    against = (
+        f"the loss scale {_fmt(per)} (median |loss| of the last steps)"
+        if scale is not None
+        else "1 (no finite loss was recorded to compare with)"
+    )
     return [
         Finding(
             code="vanishing-grad",
             severity="warning",
             title="Gradients vanish",
             message=(
-                f"mean |g| {_fmt(abs_mean)} (vanishing below {VANISHING_ABS_MEAN}); "
-                f"first/last layer norm ratio {_fmt(ratio) if ratio is not None else 'n/a'}, "
-                f"first layer norm {_fmt(first_norm)}"
+                f"mean |g| {_fmt(abs_mean)} is {_fmt(rel_mean)} of {against} (vanishing "
+                f"below {VANISHING_ABS_MEAN:g}); first/last layer norm ratio "
+                f"{_fmt(ratio) if ratio is not None else 'n/a'} (limit {VANISHING_RATIO:g}) "
+                f"with a first-layer norm of {_fmt(first_norm)}, {_fmt(rel_first)} of the "
+                f"loss scale (limit {VANISHING_FIRST:g})"
             ),
             remedy=(
                 "Use Kaiming/Xavier initialisation, ReLU-family activations, batch norm or "
                 "residual paths; check inputs are normalised; raise the learning rate only "
                 "after the architecture is fixed."
             ),
-            evidence={"abs_mean": abs_mean, "first_last_ratio": ratio, "first_norm": first_norm},
+            evidence={
+                "abs_mean": abs_mean,
+                "loss_scale": scale,
+                "relative_abs_mean": rel_mean,
+                "first_last_ratio": ratio,
+                "first_norm": first_norm,
+            },
             where=ev.where,
         )
     ]
 
 
+def _norm_growth(snapshots: tuple[Any, ...]) -> tuple[float, float] | None:
+    """(largest finite total norm, median of the first EXPLODING_BASELINE_STEPS finite
+    ones): how far the run's gradient grew from where it started. None with fewer than
+    two finite norms or a zero baseline."""
+    norms = [s.total_norm for s in snapshots if math.isfinite(s.total_norm)]
+    if len(norms) < 2:
+        return None
+    baseline = statistics.median(norms[:EXPLODING_BASELINE_STEPS])
+    return (max(norms), baseline) if baseline > 0 else None
+
+
 @rule
 def exploding_grad(ev: RunEvidence) -> list[Finding]:
+    """A first layer with 70x the last one's gradient (AUTOTRAINER), or a total norm that
+    grew EXPLODING_GROWTH-fold from the run's first steps (scale-free, unlike a norm limit:
+    a summed loss's gradient grows with the batch)."""
     if not ev.snapshots:
         return []
     ratios = [s.first_last_ratio for s in ev.snapshots if s.first_last_ratio is not None]
-    norms = [s.total_norm for s in ev.snapshots if math.isfinite(s.total_norm)]
     max_ratio = max(ratios, default=0.0)
-    max_norm = max(norms, default=0.0)
-    if max_ratio <= EXPLODING_RATIO and max_norm <= EXPLODING_NORM:
+    growth = _norm_growth(ev.snapshots)
+    peak, baseline = growth if growth is not None else (math.nan, math.nan)
+    grew = peak / baseline if growth is not None else math.nan
+    if max_ratio <= EXPLODING_RATIO and not grew > EXPLODING_GROWTH:
         return []
+    grown = (
+        f"the largest total norm {_fmt(peak)} is {_fmt(grew)}x the median "
+        f"{_fmt(baseline)} of the first {EXPLODING_BASELINE_STEPS} steps "
+        f"(limit {EXPLODING_GROWTH:g}x)"
+        if growth is not None
+        else "the total norm's growth was not measured (fewer than 2 finite norms)"
+    )
     return [
         Finding(
             code="exploding-grad",
             severity="warning",
             title="Gradients explode",
             message=(
-                f"max first/last layer norm ratio {_fmt(max_ratio)} (limit {EXPLODING_RATIO}), "
-                f"max total norm {_fmt(max_norm)} (limit {EXPLODING_NORM})"
+                f"max first/last layer norm ratio {_fmt(max_ratio)} "
+                f"(limit {EXPLODING_RATIO:g}); {grown}"
             ),
             remedy=(
                 "Clip gradients (max norm ~1), lower the learning rate, check initialisation "
                 "scale (Xavier/Kaiming) and add normalisation layers."
             ),
-            evidence={"max_ratio": max_ratio, "max_total_norm": max_norm},
+            evidence={
+                "max_ratio": max_ratio,
+                "max_total_norm": peak if growth is not None else None,
+                "baseline_norm": baseline if growth is not None else None,
+                "growth": grew if growth is not None else None,
+            },
             where=ev.where,
         )
     ]
@@ -666,13 +814,15 @@ def unused_params(ev: RunEvidence) -> list[Finding]:
 
 @rule
 def loss_plateau(ev: RunEvidence) -> list[Finding]:
+    """The total fell by less than PLATEAU_IMPROVEMENT of |first epoch's| (relative, so
+    any reduction and sign of the loss read the same)."""
     totals = [r.total for r in ev.records]
     if len(totals) < PLATEAU_MIN_EPOCHS or not all(math.isfinite(t) for t in totals):
         return []
     if sum(r.steps for r in ev.records) < PLATEAU_MIN_STEPS:
         return []
     first, last = totals[0], totals[-1]
-    if last < first * (1 - PLATEAU_IMPROVEMENT):
+    if first - last > PLATEAU_IMPROVEMENT * abs(first):
         return []
     return [
         Finding(
@@ -693,30 +843,78 @@ def loss_plateau(ev: RunEvidence) -> list[Finding]:
     ]
 
 
-@rule
-def loss_oscillation(ev: RunEvidence) -> list[Finding]:
-    """The epoch total jumps back up (by > 5%) again and again instead of settling, or
-    jumps more than OSC_SPIKE-fold in one epoch (a step too large for the loss surface;
-    a short run may show one such spike before the loss settles)."""
+def _step_spikes(ev: RunEvidence) -> list[tuple[int, float, float, int, int]]:
+    """Every step whose loss is more than OSC_SPIKE x the median of the OSC_SPIKE_WINDOW
+    finite step losses before it of the same batch size (a short last batch of a summed
+    loss is only set against short batches): (step, loss, that median, batch size, how
+    many steps the median is over). NaN/Inf steps are the nonfinite rules' business."""
+    before: dict[int, list[float]] = {}
+    spikes = []
+    for step, (loss, size) in enumerate(zip(ev.step_losses, _batch_sizes(ev))):
+        if not math.isfinite(loss):
+            continue
+        seen = before.setdefault(size, [])
+        if seen:
+            window = seen[-OSC_SPIKE_WINDOW:]
+            median = statistics.median(window)
+            if median > 0 and loss > OSC_SPIKE * median:
+                spikes.append((step, loss, median, size, len(window)))
+        seen.append(loss)
+    return spikes
+
+
+def _epoch_rises(ev: RunEvidence) -> list[float] | None:
+    """Relative rises of the epoch total above OSC_RISE; None when the epochs cannot be
+    judged (fewer than OSCILLATION_MIN_EPOCHS, or a NaN/Inf total)."""
     totals = [r.total for r in ev.records]
     if len(totals) < OSCILLATION_MIN_EPOCHS or not all(math.isfinite(t) for t in totals):
+        return None
+    moves = [(b - a) / abs(a) for a, b in zip(totals, totals[1:]) if a != 0]
+    return [m for m in moves if m > OSC_RISE]
+
+
+@rule
+def loss_oscillation(ev: RunEvidence) -> list[Finding]:
+    """One step's loss jumps more than OSC_SPIKE-fold over the steps before it (a step too
+    large for the loss surface; a short run may show one such spike before the loss
+    settles), or the epoch total jumps back up (by > 5%) again and again instead of
+    settling, or jumps OSC_SPIKE-fold in one epoch. Without step losses, the epochs only."""
+    spikes = _step_spikes(ev)
+    rises = _epoch_rises(ev)
+    moves = len(ev.records) - 1
+    by_epochs = rises is not None and (
+        len(rises) >= max(2, OSC_RISE_SHARE * moves) or any(r + 1 > OSC_SPIKE for r in rises)
+    )
+    if not spikes and not by_epochs:
         return []
-    rises = [b / a - 1 for a, b in zip(totals, totals[1:]) if a > 0 and b > a * (1 + OSC_RISE)]
-    moves = len(totals) - 1
-    spike = bool(rises) and max(rises) + 1 > OSC_SPIKE
-    if len(rises) < max(2, OSC_RISE_SHARE * moves) and not spike:
-        return []
+    seen = []
+    if spikes:
+        step, loss, median, size, window = max(spikes, key=lambda s: s[1] / s[2])
+        batch = f" of batch size {size}" if size else ""
+        seen.append(
+            f"step {step}'s loss {_fmt(loss)} is {_fmt(loss / median)}x the median "
+            f"{_fmt(median)} of the {window} step(s) before it{batch} (a spike: above "
+            f"{OSC_SPIKE:g}x; {len(spikes)} such step(s))"
+        )
+    if rises is not None and (by_epochs or rises):
+        seen.append(
+            f"the epoch total rose by more than {OSC_RISE:.0%} in {len(rises)} of {moves} "
+            f"epoch-to-epoch moves" + (f" (largest rise {max(rises):.0%})" if rises else "")
+        )
     return [
         Finding(
             code="loss-oscillation",
             severity="warning",
             title="Loss oscillates",
-            message=(
-                f"the total rose by more than {OSC_RISE:.0%} in {len(rises)} of {moves} "
-                f"epoch-to-epoch moves (largest rise {max(rises):.0%})"
-            ),
+            message="; ".join(seen),
             remedy="Lower the learning rate, increase the batch size, or clip gradients.",
-            evidence={"rises": len(rises), "moves": moves, "max_rise": max(rises)},
+            evidence={
+                "spikes": len(spikes),
+                "max_spike": max((s[1] / s[2] for s in spikes), default=None),
+                "rises": len(rises) if rises is not None else None,
+                "moves": moves,
+                "max_rise": max(rises, default=None) if rises is not None else None,
+            },
             where=ev.where,
         )
     ]
@@ -912,7 +1110,7 @@ def not_checked(ev: RunEvidence) -> list[NotChecked]:
         out.append(
             NotChecked("loss-plateau", f"needs {PLATEAU_MIN_EPOCHS} epochs, this run had {epochs}")
         )
-    if epochs < OSCILLATION_MIN_EPOCHS:
+    if epochs < OSCILLATION_MIN_EPOCHS and len(ev.step_losses) < 2:
         out.append(
             NotChecked(
                 "loss-oscillation", f"needs {OSCILLATION_MIN_EPOCHS} epochs, this run had {epochs}"

@@ -11,16 +11,20 @@ from dataclasses import replace
 
 from meaning_transform.diagnostics.findings import NotChecked
 from meaning_transform.scenarios import Scenario
-from meaning_transform.studies.pipeline import Pipeline, epoch_row, weights_of
+from meaning_transform.studies.pipeline import (
+    TOTAL_TREND_CODES,
+    WHILE_BETA_CHANGES,
+    Pipeline,
+    epoch_row,
+    steps_per_epoch,
+    weights_of,
+)
 from meaning_transform.studies.report import AnnealConfig, AnnealReport, ScheduleInfo, frozen
 from meaning_transform.training import BetaSchedule
 
 RECON_WEIGHT = 1.0
 SEMANTIC_WEIGHT = 0.5  # the original's; switched off by build_loss on non-agent data
-# Rules that judge the trend of the total. While β changes, the total is a different
-# objective each epoch (it rises as β rises), so these would raise false alarms.
-TOTAL_TREND_CODES: tuple[str, ...] = ("loss-oscillation", "loss-plateau")
-WHILE_BETA_CHANGES = "the total is a different objective each epoch while β changes"
+__all__ = ["TOTAL_TREND_CODES", "WHILE_BETA_CHANGES", "run_anneal"]  # the trend rules set aside
 
 
 def run_anneal(pipeline: Pipeline, schedule: BetaSchedule, options: AnnealConfig) -> AnnealReport:
@@ -28,7 +32,9 @@ def run_anneal(pipeline: Pipeline, schedule: BetaSchedule, options: AnnealConfig
 
     The training epochs are the schedule's ``max_epochs``. While β changes, the rules
     on the trend of the total (``TOTAL_TREND_CODES``) are not applied and are listed
-    as not checked. A scenario's KL weight is replaced by the schedule's β.
+    as not checked. A scenario's KL weight is replaced by the schedule's β. The schedule
+    is declared to the Doctor (β per step, and its maximum), so a loss that ignores the
+    weight it is given (a user's ``--beta-kwarg`` it never reads) is ``beta-schedule``.
     """
     config = replace(pipeline.config, schedule=schedule)
     # The starting KL weight is overwritten by the schedule before the first step.
@@ -38,6 +44,13 @@ def run_anneal(pipeline: Pipeline, schedule: BetaSchedule, options: AnnealConfig
     )
     betas = {schedule.beta(e, config.epochs) for e in range(config.epochs)}
     skipped = TOTAL_TREND_CODES if len(betas) > 1 else ()
+    data = pipeline.dataset.tensor
+    n = int(data.shape[0])
+    per_epoch = steps_per_epoch(n, n if config.batch_size is None else min(config.batch_size, n))
+
+    def beta_at(step: int) -> float:  # the loop sets β at the start of each epoch
+        return schedule.beta(min(step // per_epoch, config.epochs - 1), config.epochs)
+
     run = pipeline.diagnose(
         schedule.schedule_type,
         model,
@@ -46,6 +59,8 @@ def run_anneal(pipeline: Pipeline, schedule: BetaSchedule, options: AnnealConfig
         not_applicable=skipped,
         because=WHILE_BETA_CHANGES,
         unless_found=_replaced_by_schedule(pipeline.scenario),
+        beta_schedule=beta_at,
+        beta_max=schedule.max_beta,
     )
     weights = weights_of(loss_fn)
     return AnnealReport(
@@ -69,7 +84,7 @@ def run_anneal(pipeline: Pipeline, schedule: BetaSchedule, options: AnnealConfig
 
 def _replaced_by_schedule(scenario: Scenario | None) -> tuple[NotChecked, ...]:
     """A scenario that injects its fault through the KL weight has no fault here."""
-    if scenario is None or "kl_loss_weight" not in scenario.loss_kwargs:
+    if scenario is None or not ("kl_loss_weight" in scenario.loss_kwargs or scenario.beta_fault):
         return ()
     reason = (
         f"scenario {scenario.name} injects its fault through the KL weight, which the "

@@ -32,7 +32,7 @@ from meaning_transform.diagnostics._modes import evaluating
 from meaning_transform.diagnostics.doctor import Doctor
 from meaning_transform.diagnostics.gradient_summary import gradient_summary
 from meaning_transform.diagnostics.kl_terms import kl_term_stats
-from meaning_transform.diagnostics.latent import latent_health
+from meaning_transform.diagnostics.latent import latent_health, reconstruction_gain
 from meaning_transform.diagnostics.parameters import inspect_parameters
 from meaning_transform.diagnostics.probe import mode_probe
 from meaning_transform.diagnostics.structure import biases_before_batch_norm
@@ -167,7 +167,8 @@ def run_kind(pipeline: Pipeline, dataset: Dataset) -> tuple[KindSection, Diagnos
     # again on this latent health: the report's latent table is what they judged.
     out = _eval_outputs(model, x)
     mu, log_var = out["mu"].to(torch.float64), out["log_var"].to(torch.float64)  # (N, Z)
-    health = latent_health(mu, log_var)
+    gain = reconstruction_gain(out["reconstruction"], x)  # against predicting the mean
+    health = replace(latent_health(mu, log_var), recon_gain=gain)
     per_feature = reconstruction_per_feature(out["reconstruction"], x).tolist()  # (D,)
     run = pipeline.evaluate(where, run.result, replace(run.evidence, latent=health))
 

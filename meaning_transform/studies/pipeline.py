@@ -27,14 +27,25 @@ from meaning_transform.diagnostics.findings import (
     merge_findings,
     merge_not_checked,
 )
-from meaning_transform.diagnostics.rules import RunEvidence, collapse_verdict, evaluate, not_checked
+from meaning_transform.diagnostics.rules import (
+    RULES,
+    RunEvidence,
+    collapse_verdict,
+    evaluate,
+    not_checked,
+)
 from meaning_transform.diagnostics.thresholds import ZERO_VALUE
+from meaning_transform.diagnostics.vae_checks import beta_varies, vae_not_checked
 from meaning_transform.scenarios import Scenario
 from meaning_transform.studies.report import ComponentRow, Diagnosis, EpochRow, RunConfig, frozen
 from meaning_transform.studies.setup import Dataset, ModelFactory, build_loss, default_model
 from meaning_transform.training import EpochRecord, TrainConfig, TrainResult, loss_weights, train
 
 ATTRIBUTIONS_PER_RUN = 20  # per-term gradients cost one backward per term: sample steps
+# Rules that judge the trend of the total. While β changes, the total is a different
+# objective each epoch (it rises as β rises), so these would raise false alarms.
+TOTAL_TREND_CODES: tuple[str, ...] = ("loss-oscillation", "loss-plateau")
+WHILE_BETA_CHANGES = "the total is a different objective each epoch while β changes"
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,8 @@ class Pipeline:
         because: str = "",
         on_attach: Callable[[Doctor], None] | None = None,
         unless_found: Sequence[NotChecked] = (),
+        beta_schedule: Callable[[int], float] | None = None,
+        beta_max: float | None = None,
     ) -> Diagnosed:
         """Train with the Doctor attached; evaluate the rules on what it saw.
 
@@ -132,14 +145,26 @@ class Pipeline:
         not checked with ``because`` (anneal-demo's trend rules while β changes).
         ``on_attach`` is called with the Doctor once its hooks are attached, before
         training (debug-extended counts the hooks). ``unless_found`` are listed as not
-        checked unless their rule fired anyway.
+        checked unless their rule fired anyway. ``beta_schedule`` (β per optimizer step)
+        and ``beta_max`` are the KL weight the run means to apply, for the Doctor's
+        ``beta-schedule`` check (anneal-demo's schedule; else a scenario's declared one).
         """
         config = config or self.config
         data = (dataset or self.dataset).tensor
         n = data.shape[0]
         batch = n if config.batch_size is None else min(config.batch_size, n)
         steps = config.epochs * math.ceil(n / batch)
-        doctor = Doctor(model, where=where, attribute_every=max(1, steps // ATTRIBUTIONS_PER_RUN))
+        declared = self.scenario.declared_beta if self.scenario is not None else None
+        if beta_schedule is None and declared is not None:
+            total = config.epochs * steps_per_epoch(n, batch)
+            beta_schedule, beta_max = declared.over(total), declared.beta_max
+        doctor = Doctor(
+            model,
+            where=where,
+            attribute_every=max(1, steps // ATTRIBUTIONS_PER_RUN),
+            beta_schedule=beta_schedule,
+            beta_max=beta_max,
+        )
         with doctor:
             if on_attach is not None:
                 on_attach(doctor)
@@ -159,10 +184,20 @@ class Pipeline:
         because: str = "",
         unless_found: Sequence[NotChecked] = (),
     ) -> Diagnosed:
-        """Findings, checks that could not run, and the typed diagnosis of one run."""
+        """Findings, checks that could not run, and the typed diagnosis of one run.
+
+        When the loss itself reports a KL weight that changes during the run, the rules
+        on the trend of the total are set aside as anneal-demo sets them aside.
+        """
+        if not not_applicable and beta_varies(evidence.vae):
+            not_applicable, because = TOTAL_TREND_CODES, WHILE_BETA_CHANGES
         skipped = set(not_applicable)
-        findings = tuple(f for f in evaluate(evidence) if f.code not in skipped)
-        missing = [c for c in not_checked(evidence) if c.code not in skipped]
+        # rules set aside do not run at all, so they mark nothing as their consequence
+        rules = [r for r in RULES if r.__name__.replace("_", "-") not in skipped]
+        findings = tuple(f for f in evaluate(evidence, rules) if f.code not in skipped)
+        missing = [
+            c for c in not_checked(evidence) + vae_not_checked(evidence) if c.code not in skipped
+        ]
         missing += [NotChecked(code, because) for code in not_applicable]
         fired = {f.code for f in findings}
         missing += [c for c in unless_found if c.code not in fired]
@@ -201,6 +236,13 @@ class Pipeline:
             "findings": merge_findings([(r.where, r.findings) for r in runs]),
             "not_checked": merge_not_checked([(r.where, r.not_checked) for r in runs]),
         }
+
+
+def steps_per_epoch(n: int, batch: int) -> int:
+    """Optimizer steps per epoch of ``n`` samples in batches of ``batch``, as ``train``
+    makes them (a last batch of one sample joins the one before it)."""
+    k = math.ceil(n / batch)
+    return k - 1 if k > 1 and n - (k - 1) * batch == 1 else k
 
 
 def seed_everything(seed: int) -> None:

@@ -281,16 +281,80 @@ def test_healthy_antixk_is_clean_with_its_list_output_and_detached_terms():
     reasons = skipped(found)
     assert "no-grad-path" in reasons  # said, not silently skipped
     assert "dying-relu" not in reasons  # its nn.LeakyReLU modules were watched
+    # its KLD is -KL (a per-sample mean), weighed by M_N in the total: audited, and right
+    assert "kl-formula" not in reasons
+    vae = doctor.evidence().vae
+    assert vae.kl_term == "KLD" and vae.weight_source == "total"
+    assert vae.steps[-1].weight == pytest.approx(-ANTIXK_KLD_WEIGHT, rel=1e-3)
+
+
+def test_healthy_pytorch_examples_summed_kl_is_audited_and_matches():
+    _, found = diagnose(pytorch_examples(), loss_fn=dict_loss)  # KLD summed over the batch
+    assert not {"kl-formula", "beta-schedule", "collapse-onset"} & {f.code for f in found}
+    assert "kl-formula" not in skipped(found)
+    assert "collapse-onset" not in skipped(found)  # 24 steps: judged
+
+
+def test_a_scalar_loss_has_no_kl_term_to_audit_and_says_so():
+    _, found = diagnose(pytorch_examples())
+    assert "one scalar" in skipped(found)["kl-formula"]
+
+
+def antixk_kl_as_minus_kl_plus(recon_x: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> Any:
+    """The fault: AntixK's formula with the leading minus dropped, so KLD is -KL and the
+    total adds it: the loss rewards KL."""
+    BCE = F.binary_cross_entropy(recon_x, x.view(-1, 64), reduction="sum")
+    KLD = 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return {"loss": BCE + KLD, "BCE": BCE, "KLD": KLD}
+
+
+def test_a_kl_with_its_minus_dropped_is_the_wrong_sign():
+    _, found = diagnose(pytorch_examples(), loss_fn=antixk_kl_as_minus_kl_plus)
+    (f,) = [f for f in found if f.code == "kl-formula"]
+    assert f.severity == "error"
+    assert f.evidence["convention"] == "sum over the batch"
+    assert f.evidence["ratio"] == pytest.approx(-1.0, rel=1e-3)
 
 
 # ---- 3. faults, each found with its code ---------------------------------------------------
 
 
 def test_reseeding_inside_reparameterize_is_frozen_noise():
-    _, found = diagnose(pytorch_examples(ReseededVAE))
+    doctor, found = diagnose(pytorch_examples(ReseededVAE))
     frozen = [f for f in found if f.code == "frozen-noise"]
     assert frozen and frozen[0].severity == "error"
-    assert int(frozen[0].evidence["probed"] or 0) > 0  # no z in the tuple: found by two passes
+    # no z in the tuple: eps is recovered from what reparameterize returned, every step
+    assert frozen[0].evidence["probed"] == 0
+    assert frozen[0].evidence["pairs"] == frozen[0].evidence["repeated"] == STEPS - 1
+    assert doctor.reparameterize.calls == STEPS
+
+
+class ClassCallVAE(ReseededVAE):
+    """Draws z through the class, so the instance's method (the Doctor's wrapper) is
+    never called: z cannot be read, as for a model that samples inline."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, logvar = self.encode(x.view(-1, 64))
+        z = ReseededVAE.reparameterize(self, mu, logvar)
+        return self.decode(z), mu, logvar
+
+
+def test_reseeding_is_found_by_two_passes_when_z_cannot_be_read():
+    doctor, found = diagnose(pytorch_examples(ClassCallVAE))
+    assert doctor.reparameterize.calls == 0
+    frozen = [f for f in found if f.code == "frozen-noise"]
+    assert frozen and frozen[0].severity == "error"
+    assert int(frozen[0].evidence["probed"] or 0) > 0  # found by two passes of one batch
+    assert "needs z" in skipped(found)["noise-scale"]
+
+
+def test_the_reparameterize_wrapper_is_removed_on_close():
+    model = pytorch_examples()
+    with Doctor(model) as doctor:
+        assert "reparameterize" in vars(model)
+        assert doctor.reparameterize.name == "reparameterize"
+    assert "reparameterize" not in vars(model)
+    assert model.reparameterize.__func__ is VAE.reparameterize  # the class method again
 
 
 def test_z_equals_mu_in_training_is_frozen_noise():
@@ -299,12 +363,37 @@ def test_z_equals_mu_in_training_is_frozen_noise():
     assert found[0].code == "frozen-noise"  # the worst
 
 
-def test_variance_as_sigma_needs_z_and_says_so():
-    """Without z (neither public VAE returns one) the noise scale cannot be read: the
-    Doctor says so rather than passing the run."""
+def test_variance_as_sigma_without_z_is_read_from_reparameterize():
+    """Neither public VAE returns z: the Doctor reads it from their reparameterize. Near
+    init pytorch/examples' log_var barely varies, so the exponent is not judged (said)."""
     _, found = diagnose(pytorch_examples(VarianceAsSigmaVAE))
     assert "noise-scale" not in codes(found)
-    assert "needs z" in skipped(found)["noise-scale"]
+    assert "varied too little" in skipped(found)["noise-scale"]
+
+
+def test_variance_as_sigma_in_antixk_reparameterize_is_noise_scale_without_z():
+    """The same fault as test_variance_as_sigma_with_z_is_noise_scale, with AntixK's own
+    list output (no z): z comes from the wrapped reparameterize."""
+    torch.manual_seed(3)
+    model = VarianceAsSigmaVanillaVAE(in_channels=1, latent_dim=4)
+    with Doctor(model, where="run") as doctor:
+        train_antixk(model, doctor)
+    found = doctor.findings(data=DATA)
+    scale = [f for f in found if f.code == "noise-scale"]
+    assert scale, [(n.code, n.reason) for n in found.not_checked]
+    assert "exp(log_var) (the variance) is used as sigma" in scale[0].message
+
+
+def test_healthy_antixk_noise_is_judged_from_reparameterize_and_clean():
+    torch.manual_seed(3)
+    model = VanillaVAE(in_channels=1, latent_dim=4)
+    with Doctor(model, where="run") as doctor:
+        train_antixk(model, doctor)
+    found = doctor.findings(data=DATA)
+    assert not {"noise-scale", "frozen-noise"} & {f.code for f in found}
+    reasons = skipped(found)
+    assert "frozen-noise" not in reasons
+    assert "needs z" not in reasons.get("noise-scale", "")
 
 
 def test_variance_as_sigma_with_z_near_init_is_not_judged_rather_than_passed():
@@ -381,7 +470,7 @@ def test_log_of_zero_is_nonfinite_loss_whether_or_not_the_loop_skips_backward(ca
     if careful:  # no backward: the gradient checks say they could not run
         assert "no gradient was recorded" in reasons["nonfinite-grad"]
     else:  # NaN reached the gradients and the weights; findings(data=) still works
-        assert "nonfinite-grad" in codes(found)
+        assert "nonfinite-grad" in {f.code for f in found}  # a consequence of the NaN loss
         assert "posterior-collapse" in reasons  # mu is NaN: not judged
 
 

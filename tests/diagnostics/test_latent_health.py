@@ -89,3 +89,31 @@ def test_encode_means_in_eval_mode_and_restores_mode(model, x):
         out = model(x)
     torch.testing.assert_close(mu, out["mu"])
     torch.testing.assert_close(log_var, out["log_var"])
+
+
+def test_reconstruction_gain_against_predicting_the_mean():
+    from meaning_transform.diagnostics.latent import reconstruction_gain
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 5, generator=g)
+    assert reconstruction_gain(x, x) == pytest.approx(1.0)
+    assert reconstruction_gain(x.mean(0).expand_as(x), x) == pytest.approx(0.0, abs=1e-12)
+    half = x.mean(0) + 0.5 * (x - x.mean(0))  # leaves a quarter of the variance
+    assert reconstruction_gain(half, x) == pytest.approx(0.75)
+    assert reconstruction_gain(x.reshape(64, 5, 1), x) == pytest.approx(1.0)  # same entries
+    assert reconstruction_gain(x[:, :4], x) is None  # not shaped like x
+    assert reconstruction_gain(torch.full_like(x, float("nan")), x) is None
+    assert reconstruction_gain(x, torch.ones_like(x)) is None  # x does not vary
+
+
+def test_measure_latent_adds_the_reconstruction_gain_in_eval_mode(model, x):
+    from meaning_transform.diagnostics.latent import measure_latent, reconstruction_gain
+
+    model.train()
+    health = measure_latent(model, x)  # one batch: TinyVAE's fixed noise is per row
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        expected = reconstruction_gain(model(x)["reconstruction"], x)
+    assert health.recon_gain == pytest.approx(expected)
+    assert health.as_dict()["recon_gain"] == health.recon_gain
