@@ -16,6 +16,7 @@ from meaning_transform.cli.common import (
     Epochs,
     FailOn,
     Force,
+    Format,
     InputShape,
     Json,
     LossArgs,
@@ -23,6 +24,7 @@ from meaning_transform.cli.common import (
     LossWeights,
     Lr,
     ModelSpec,
+    Output,
     Plot,
     ScenarioName,
     Seed,
@@ -64,6 +66,8 @@ def anneal_demo(
     plot: Plot = None,
     fail_on: FailOn = "error",
     force: Force = False,
+    output_format: Format = None,
+    output: Output = None,
 ) -> None:
     """Train a VAE with an annealed KL weight β and show β and every loss per epoch.
 
@@ -82,8 +86,9 @@ def anneal_demo(
     """
     opts = common.CommonOptions(
         seed, device, epochs, batch_size, lr, data, json, plot, fail_on, force
-    )
-    with common.user_errors_exit(json=json), common.progress(enabled=not json) as bar:
+    ).reporting(output_format, output)
+    quiet = opts.machine_stdout  # stdout carries the report's format alone
+    with common.user_errors_exit(json=quiet), common.progress(enabled=not quiet) as bar:
         opts.validate()
         common.choice("--schedule", schedule, SCHEDULE_TYPES)
         common.non_negative("--min-beta", min_beta)
@@ -127,4 +132,4 @@ def anneal_demo(
         pipeline = common.pipeline(opts, dataset, factory, fault, "mean", bar, losses)
         report = run_anneal(pipeline, beta_schedule, options)
         bar.close()
-        common.finish(report, opts)
+        common.finish(report, opts, user)

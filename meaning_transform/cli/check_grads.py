@@ -15,6 +15,7 @@ from meaning_transform.cli.common import (
     Epochs,
     FailOn,
     Force,
+    Format,
     InputShape,
     Json,
     LossArgs,
@@ -22,6 +23,7 @@ from meaning_transform.cli.common import (
     LossWeights,
     Lr,
     ModelSpec,
+    Output,
     Plot,
     ScenarioName,
     Seed,
@@ -68,6 +70,8 @@ def check_grads(
     plot: Plot = None,
     fail_on: FailOn = "error",
     force: Force = False,
+    output_format: Format = None,
+    output: Output = None,
 ) -> None:
     """Train a fresh VAE for a few steps and show every parameter's gradient.
 
@@ -85,8 +89,9 @@ def check_grads(
     """
     opts = common.CommonOptions(
         seed, device, epochs, batch_size, lr, data, json, plot, fail_on, force
-    )
-    with common.user_errors_exit(json=json), common.progress(enabled=not json) as bar:
+    ).reporting(output_format, output)
+    quiet = opts.machine_stdout  # stdout carries the report's format alone
+    with common.user_errors_exit(json=quiet), common.progress(enabled=not quiet) as bar:
         opts.validate()
         common.choice("--reduction", reduction, common.REDUCTIONS)
         for name, value in (
@@ -124,4 +129,4 @@ def check_grads(
             semantic=0.5 if semantic_weight is None else semantic_weight,
         )
         bar.close()
-        common.finish(report, opts)
+        common.finish(report, opts, user)

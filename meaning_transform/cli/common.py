@@ -13,7 +13,7 @@ import stat
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,7 +26,10 @@ from meaning_transform.cli.boundary import (  # noqa: F401 (the commands call co
     stdout_to_stderr,
     user_errors_exit,
 )
-from meaning_transform.cli.console import console  # noqa: F401 (moved; re-exported)
+from meaning_transform.cli.console import (  # noqa: F401 (moved; re-exported)
+    PIPED_WIDTH,
+    console,
+)
 from meaning_transform.constants import DEVICES, REDUCTIONS  # noqa: F401
 from meaning_transform.diagnostics.findings import FAIL_ON
 
@@ -86,7 +89,31 @@ FailOn = Annotated[
         "--fail-on", help="never|error|warning: exit 1 when a finding is at or above this."
     ),
 ]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing --plot file.")]
+Force = Annotated[
+    bool, typer.Option("--force", help="Overwrite an existing --plot or --output file.")
+]
+# The report formats (meaning_transform.formats.FORMATS, not imported here: mtx --help
+# must stay fast; a test holds the two lists together).
+FORMAT_CHOICES = "table|json|github|markdown|sarif|junit"
+Format = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help=f"{FORMAT_CHOICES}: the report as tables (default), JSON, GitHub annotations, "
+        "a Markdown summary, SARIF 2.1.0 or JUnit XML. Without --output it alone goes to "
+        "stdout; --json is --format json.",
+        show_default=False,
+    ),
+]
+Output = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        help="Write the report in --format to this file (atomically; an existing file only "
+        "with --force); the tables still print.",
+        show_default=False,
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -101,8 +128,32 @@ class CommonOptions:
     plot: Path | None
     fail_on: str
     force: bool
+    format: str | None = None  # --format as given (None: not given)
+    output: Path | None = None
+
+    def reporting(self, format: str | None, output: Path | None) -> CommonOptions:
+        """These options with --format and --output (checked by :meth:`validate`)."""
+        return replace(self, format=format, output=output)
+
+    @property
+    def report_format(self) -> str:
+        """The format the report is written in: --format, json with --json, else table."""
+        return "json" if self.json else (self.format or "table")
+
+    @property
+    def machine_stdout(self) -> bool:
+        """Stdout carries only the report's machine format (nothing else may print)."""
+        return self.report_format != "table" and self.output is None
 
     def validate(self) -> CommonOptions:
+        from meaning_transform.formats import FORMATS
+
+        if self.format is not None:
+            choice("--format", self.format, FORMATS)
+        if self.json and self.format not in (None, "json"):
+            raise UsageProblem(
+                f"--json means --format json; it cannot be used with --format {self.format}"
+            )
         choice("--device", self.device, DEVICES)
         choice("--fail-on", self.fail_on, FAIL_ON)
         check_seed(self.seed)
@@ -116,7 +167,15 @@ class CommonOptions:
             raise UsageProblem(f"--lr must be a positive number, got {self.lr}")
         if self.plot is not None:
             check_output_path("--plot", self.plot, self.force, suffix=".png")
+        if self.output is not None:
+            check_output_path("--output", self.output, self.force)
+            if self.plot is not None and _same_file(self.plot, self.output):
+                raise UsageProblem(f"--plot and --output name the same file {str(self.output)!r}")
         return self
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
 
 
 def choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -188,15 +247,16 @@ def batch_sizes(n_samples: int, batch_size: int) -> list[int]:
     return sizes
 
 
-def check_output_path(option: str, path: Path, force: bool, suffix: str) -> None:
+def check_output_path(option: str, path: Path, force: bool, suffix: str | None = None) -> None:
     """Refuse, before any work is done, whatever would make the final write fail.
 
-    A wrong suffix, a name too long for the file system, a path whose parent is a file,
-    a missing directory or one this process cannot create files in (tried, not guessed:
-    ``os.access`` says yes to root on a read-only file system), a directory or other
-    non-file at the path, and an existing file without ``force``.
+    A wrong suffix (when ``suffix`` is given), a name too long for the file system, a
+    path whose parent is a file, a missing directory or one this process cannot create
+    files in (tried, not guessed: ``os.access`` says yes to root on a read-only file
+    system), a directory or other non-file at the path, and an existing file without
+    ``force``.
     """
-    if path.suffix.lower() != suffix:
+    if suffix is not None and path.suffix.lower() != suffix:
         raise UsageProblem(f"{option} must end in {suffix}, got {str(path)!r}")
     found = _stat(option, path)
     if found is not None:
@@ -457,23 +517,37 @@ def pipeline(
     )
 
 
-def finish(report: Any, opts: CommonOptions) -> None:
-    """Write the --plot figure, print the report (table or JSON), exit with its code.
+def finish(report: Any, opts: CommonOptions, user: UserCode | None = None) -> None:
+    """Write the --plot figure and the --output file, print the report, exit with its code.
 
-    Call it inside ``user_errors_exit``. The figure is written first, so a figure that
-    cannot be written ends in one error line with nothing on stdout. matplotlib is
+    Call it inside ``user_errors_exit``. Files are written first, so one that cannot be
+    written ends in one error line with nothing on stdout. Stdout gets the tables, or,
+    with a machine --format and no --output, that format alone. ``user`` locates the
+    --model/--loss definitions the github and sarif formats point at. matplotlib is
     imported only with --plot.
     """
+    fmt = opts.report_format
+    text = None
+    if fmt != "table":
+        from meaning_transform.formats import render_format
+
+        located = sources(user, opts.data) if fmt in ("github", "sarif") else None
+        text = render_format(report, fmt, located)
     if opts.plot is not None:
         from meaning_transform import plots
 
         fig = plots.figure(report)
         write_atomically(opts.plot, lambda tmp: plots.save_png(fig, tmp), force=opts.force)
-    if opts.json:
-        from meaning_transform.studies.report import to_json
-
+    if opts.output is not None:
+        content = text if text is not None else table_text(report)
+        write_atomically(
+            opts.output,
+            lambda tmp: _write_text(tmp, content),
+            force=opts.force,
+        )
+    if opts.machine_stdout and text is not None:
         with real_stdout():
-            sys.stdout.write(to_json(report))
+            sys.stdout.write(text)
             sys.stdout.flush()
     else:
         from meaning_transform.cli import render
@@ -481,7 +555,101 @@ def finish(report: Any, opts: CommonOptions) -> None:
         render.render(report)
         if opts.plot is not None:
             console().print(f"plot saved to {opts.plot}", markup=False)
+        if opts.output is not None:
+            console().print(f"{fmt} report saved to {opts.output}", markup=False)
     raise typer.Exit(report.exit_code)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
+def table_text(report: Any) -> str:
+    """The report's tables as plain text (no colour), laid out as for a pipe."""
+    import io
+
+    from rich.console import Console
+
+    from meaning_transform.cli import render
+    from meaning_transform.cli.console import stdout_width
+
+    buffer = io.StringIO()
+    plain = Console(
+        file=buffer,
+        width=stdout_width() or PIPED_WIDTH,
+        color_system=None,
+        force_terminal=False,
+        highlight=False,
+        emoji=False,
+    )
+    render.render(report, console=plain)
+    return buffer.getvalue()
+
+
+def sources(user: UserCode | None, data: Path | None = None) -> Any:
+    """Where the user's --model, --loss and --data are, for annotations that point at
+    them (``formats.Sources``). Call it after the model and loss are loaded: their
+    modules are looked up, never imported again."""
+    from meaning_transform.formats import SourceLocation, Sources
+
+    return Sources(
+        model=definition(user.model) if user is not None and user.model else None,
+        loss=definition(user.loss) if user is not None and user.loss else None,
+        data=SourceLocation(shown_path(data)) if data is not None else None,
+    )
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to the working directory when inside it, else absolute;
+    ``/``-separated (what GitHub annotations and SARIF expect)."""
+    full = Path(os.path.abspath(path))
+    try:
+        return full.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return full.as_posix()
+
+
+def definition(spec: str) -> Any:
+    """The file and line where ``FILE.py:NAME`` or ``module:NAME`` (``Class.method``
+    too) is defined, from the module already loaded; None when it cannot be told."""
+    import inspect
+
+    from meaning_transform.formats import SourceLocation
+
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        wanted = os.path.abspath(target)
+        module = next(
+            (
+                m
+                for m in list(sys.modules.values())
+                if isinstance(getattr(m, "__file__", None), str)
+                and os.path.abspath(str(m.__file__)) == wanted
+            ),
+            None,
+        )
+        fallback = SourceLocation(shown_path(target)) if os.path.isfile(target) else None
+    else:
+        module = sys.modules.get(target)
+        fallback = None
+    if module is None:
+        return fallback
+    obj: Any = module
+    try:
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        obj = inspect.unwrap(obj)
+        file = inspect.getsourcefile(obj)
+        _, line = inspect.getsourcelines(obj)
+    # the user's object may have no source (a C function, a lambda built at run time) or
+    # a module __getattr__ that raises: the annotation then points at the file alone
+    except Exception:
+        module_file = getattr(module, "__file__", None)
+        return SourceLocation(shown_path(module_file)) if isinstance(module_file, str) else fallback
+    if file is None:
+        return fallback
+    return SourceLocation(shown_path(file), line if line > 0 else None)
 
 
 ModelSpec = Annotated[

@@ -15,6 +15,7 @@ from meaning_transform.cli.common import (
     Epochs,
     FailOn,
     Force,
+    Format,
     InputShape,
     Json,
     LossArgs,
@@ -22,6 +23,7 @@ from meaning_transform.cli.common import (
     LossWeights,
     Lr,
     ModelSpec,
+    Output,
     Plot,
     ScenarioName,
     Seed,
@@ -58,6 +60,8 @@ def debug_extended(
     plot: Plot = None,
     fail_on: FailOn = "error",
     force: Force = False,
+    output_format: Format = None,
+    output: Output = None,
     model: ModelSpec = None,
     loss: LossSpec = None,
     loss_arg: LossArgs = None,
@@ -87,8 +91,9 @@ def debug_extended(
     """
     opts = common.CommonOptions(
         seed, device, epochs, batch_size, lr, data, json, plot, fail_on, force
-    )
-    with common.user_errors_exit(json=json), common.progress(enabled=not json) as bar:
+    ).reporting(output_format, output)
+    quiet = opts.machine_stdout  # stdout carries the report's format alone
+    with common.user_errors_exit(json=quiet), common.progress(enabled=not quiet) as bar:
         opts.validate()
         common.choice("--data-kind", data_kind, DATA_KIND_CHOICES)
         common.choice("--reduction", reduction, common.REDUCTIONS)
@@ -134,4 +139,4 @@ def debug_extended(
         pipeline = common.pipeline(opts, datasets[0], factory, fault, reduction, bar, losses)
         report = run_debug_extended(lambda d: replace(pipeline, dataset=d), datasets, options)
         bar.close()
-        common.finish(report, opts)
+        common.finish(report, opts, user)

@@ -14,6 +14,7 @@ from meaning_transform.cli.common import (
     Epochs,
     FailOn,
     Force,
+    Format,
     InputShape,
     Json,
     LossArgs,
@@ -21,6 +22,7 @@ from meaning_transform.cli.common import (
     LossWeights,
     Lr,
     ModelSpec,
+    Output,
     Plot,
     ScenarioName,
     Seed,
@@ -59,6 +61,8 @@ def debug_loss(
     plot: Plot = None,
     fail_on: FailOn = "error",
     force: Force = False,
+    output_format: Format = None,
+    output: Output = None,
 ) -> None:
     """Train a fresh VAE per loss-weight configuration and show every loss component.
 
@@ -70,8 +74,9 @@ def debug_loss(
     """
     opts = common.CommonOptions(
         seed, device, epochs, batch_size, lr, data, json, plot, fail_on, force
-    )
-    with common.user_errors_exit(json=json), common.progress(enabled=not json) as bar:
+    ).reporting(output_format, output)
+    quiet = opts.machine_stdout  # stdout carries the report's format alone
+    with common.user_errors_exit(json=quiet), common.progress(enabled=not quiet) as bar:
         opts.validate()
         common.choice("--reduction", reduction, common.REDUCTIONS)
         common.count_option("--every", every, 0, common.MAX_EVERY)
@@ -119,4 +124,4 @@ def debug_loss(
         pipeline = common.pipeline(opts, dataset, factory, fault, reduction, bar, losses)
         report = run_debug_loss(pipeline, configs, options)
         bar.close()
-        common.finish(report, opts)
+        common.finish(report, opts, user)

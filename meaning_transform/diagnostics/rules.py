@@ -23,6 +23,7 @@ from meaning_transform.diagnostics.findings import (
 from meaning_transform.diagnostics.thresholds import (
     COLLAPSE_KL_TOTAL,
     COLLAPSE_MIN_STEPS,
+    COLLAPSE_REBOUND,
     COLLAPSE_RECON_GAIN,
     COLLAPSE_TREND_STEPS,
     CONFLICT_INFO,
@@ -249,20 +250,22 @@ def _kl_series(records: tuple[Any, ...]) -> list[float]:
     return series
 
 
-def _kl_trend(ev: RunEvidence) -> tuple[float, float] | None:
-    """KL at the start and at the end of training: the loss's KL term in the first and
-    last epochs, else (a loss that names no KL term) the analytic KL of mu and log_var
-    the VAE checks traced, as medians of the first and last COLLAPSE_TREND_STEPS
-    recorded steps. None when neither was measured."""
+def _kl_trend(ev: RunEvidence) -> tuple[float, float, float] | None:
+    """KL at the start, at its lowest and at the end of training: the loss's KL term per
+    epoch, else (a loss that names no KL term) the analytic KL of mu and log_var the VAE
+    checks traced, as medians of windows of COLLAPSE_TREND_STEPS recorded steps. None
+    when neither was measured."""
     kl = [v for v in _kl_series(ev.records) if math.isfinite(v)]
     if kl:
-        return kl[0], kl[-1]
+        return kl[0], min(kl), kl[-1]
     trace = [s.analytic_kl for s in getattr(ev.vae, "steps", ())]
     trace = [v for v in trace if math.isfinite(v)]
     if len(trace) < 2:
         return None
     n = min(COLLAPSE_TREND_STEPS, len(trace) // 2)
-    return statistics.median(trace[:n]), statistics.median(trace[-n:])
+    windows = [statistics.median(trace[i : i + n]) for i in range(0, len(trace) - n + 1, n)]
+    last = statistics.median(trace[-n:])
+    return windows[0], min([*windows, last]), last
 
 
 def _latent_information(lat: Any) -> str:
@@ -312,12 +315,21 @@ def collapse_verdict(ev: RunEvidence) -> Verdict:
             "a freshly initialised encoder has no active units yet",
         )
     trend = _kl_trend(ev)
-    if trend is not None and trend[1] > trend[0]:
+    if trend is not None and trend[2] > trend[0]:
         return Verdict(
             code,
             "not-judged",
-            f"KL rose during training ({_fmt(trend[0])} -> {_fmt(trend[1])}): the latents "
+            f"KL rose during training ({_fmt(trend[0])} -> {_fmt(trend[2])}): the latents "
             "are still waking up, not collapsing",
+        )
+    if trend is not None and trend[2] > trend[1] * (1 + COLLAPSE_REBOUND):
+        # the usual early dip: KL first falls as the encoder meets the prior, then rises
+        # as the decoder starts to use z; a collapsing KL keeps falling
+        return Verdict(
+            code,
+            "not-judged",
+            f"KL fell to {_fmt(trend[1])} and is rising again ({_fmt(trend[2])} at the end): "
+            "the latents are waking up after the early dip, not collapsing",
         )
     gain = getattr(lat, "recon_gain", None)
     if gain is not None and gain > COLLAPSE_RECON_GAIN and lat.active_units > 0:

@@ -270,8 +270,10 @@ def test_a_public_vae_with_its_own_loss_is_healthy(mtx, digits, command, vae):
     assert codes(report, "warning", "error") == set(), report["findings"]
     assert report["config"]["model"] == spec[1]
     assert report["data"]["n_samples"] == 256 and report["data"]["n_features"] == 64
-    # what could not be checked is said, not skipped: neither model returns z
-    assert "needs z" in not_checked(report)["noise-scale"]
+    # neither model returns z: the Doctor reads it from their own reparameterize(), so
+    # the noise scale is measured; in this short run log_var varies too little to judge
+    # the exponent, which is said, not skipped
+    assert "varied too little" in not_checked(report)["noise-scale"]
 
 
 def test_check_grads_reports_the_public_vaes_own_parameters(mtx, digits):
@@ -379,8 +381,9 @@ def test_variance_as_sigma_is_measured_as_exponent_one_and_its_control_is_clean(
 @pytest.mark.parametrize(
     ("name", "why"),
     [
-        # the fault as a one-method patch: the output has no z, eps cannot be recovered
-        ("VarianceAsSigmaVAE", "needs z"),
+        # the fault as a one-method patch: the output has no z, the Doctor reads z from
+        # reparameterize(); log_var barely varies at initialisation in 12 steps
+        ("VarianceAsSigmaVAE", "varied too little"),
         # with z, at the default initialisation log_var barely varies (std ~0.12) in 12 steps
         ("VarianceAsSigmaWithZ", "varied too little"),
     ],

@@ -349,6 +349,18 @@ CASES: list[tuple[str, RunEvidence, str, bool]] = [
         False,
     ),
     (
+        "collapse: KL back above its low by just more than the rebound share",
+        collapse(0.01, kl=[0.5, 0.1, 0.1 * (1 + t.COLLAPSE_REBOUND) * ABOVE]),
+        "posterior-collapse",
+        False,
+    ),
+    (
+        "collapse: KL back above its low by just less than the rebound share",
+        collapse(0.01, kl=[0.5, 0.1, 0.1 * (1 + t.COLLAPSE_REBOUND) * BELOW]),
+        "posterior-collapse",
+        True,
+    ),
+    (
         "frozen-noise: every pair the same",
         ev(noise_repeats=NoiseRepeats(10, 10, 0)),
         "frozen-noise",
