@@ -1266,6 +1266,11 @@ PER_CODE_HEADERS = (
 )
 
 
+def _reported(r: RunResult, code: str) -> bool:
+    """The code fired, or was marked a consequence of another code the fault expects."""
+    return code in r.fired or r.consequences.get(code, "") in r.expected
+
+
 def per_code_section(name: str, results: Sequence[RunResult]) -> Section:
     judged = _judged(results)
     healthy = [r for r in judged if _is_control(r.fault)]
@@ -1284,7 +1289,7 @@ def per_code_section(name: str, results: Sequence[RunResult]) -> Section:
             (
                 code,
                 ", ".join(faults) or "–",
-                _pct(sum(code in r.fired for r in runs), len(runs)),
+                _pct(sum(_reported(r, code) for r in runs), len(runs)),
                 _pct(len(right), len(fired)),
                 _median([r.first_step[code] for r in right if code in r.first_step]),
                 _pct(sum(code in r.fired for r in healthy), len(healthy)),
@@ -1292,7 +1297,9 @@ def per_code_section(name: str, results: Sequence[RunResult]) -> Section:
         )
     return Section(
         f"Per finding code ({name})",
-        "recall: runs of the faults that expect the code where it fired (warning/error); "
+        "recall: runs of the faults that expect the code where it was reported: fired "
+        "(warning/error), or marked as the consequence of another code the fault expects "
+        "(a NaN loss makes NaN gradients: nonfinite-grad follows nonfinite-loss); "
         "precision: runs where it fired and was expected / runs where it fired (healthy "
         "included); latency: median first step it fired, where expected.",
         PER_CODE_HEADERS,

@@ -612,29 +612,60 @@ def shown_path(path: str | Path) -> str:
 
 def definition(spec: str) -> Any:
     """The file and line where ``FILE.py:NAME`` or ``module:NAME`` (``Class.method``
-    too) is defined, from the module already loaded; None when it cannot be told."""
-    import inspect
+    too) is defined (``formats.SourceLocation``); None when it cannot be told.
 
+    A file is read, not imported again (its definitions found by name, the last one
+    winning as at import); a module is looked up among those already imported.
+    """
     from meaning_transform.formats import SourceLocation
 
     target, _, attr = spec.rpartition(":")
     if target.endswith(".py") or "/" in target or "\\" in target:
-        wanted = os.path.abspath(target)
-        module = next(
-            (
-                m
-                for m in list(sys.modules.values())
-                if isinstance(getattr(m, "__file__", None), str)
-                and os.path.abspath(str(m.__file__)) == wanted
-            ),
-            None,
-        )
-        fallback = SourceLocation(shown_path(target)) if os.path.isfile(target) else None
-    else:
-        module = sys.modules.get(target)
-        fallback = None
-    if module is None:
-        return fallback
+        if not os.path.isfile(target):
+            return None
+        return SourceLocation(shown_path(target), _line_in_file(Path(target), attr))
+    module = sys.modules.get(target)
+    return _module_definition(module, attr) if module is not None else None
+
+
+def _line_in_file(path: Path, attr: str) -> int | None:
+    """The line of the ``def``, ``class`` or assignment that binds ``attr`` (dotted:
+    inside a class) at the top of the file at ``path``."""
+    import ast
+
+    try:
+        body: list[ast.stmt] = ast.parse(path.read_bytes()).body
+    except (OSError, SyntaxError, ValueError):
+        return None
+    line = None
+    for part in attr.split("."):
+        found = [node for node in body if part in _bound_names(node)]
+        if not found:
+            return None
+        line = found[-1].lineno
+        body = getattr(found[-1], "body", [])
+    return line
+
+
+def _bound_names(node: Any) -> set[str]:
+    import ast
+
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, ast.Assign):
+        return {t.id for t in node.targets if isinstance(t, ast.Name)}
+    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+        return {node.target.id}
+    return set()
+
+
+def _module_definition(module: Any, attr: str) -> Any:
+    import inspect
+
+    from meaning_transform.formats import SourceLocation
+
+    module_file = getattr(module, "__file__", None)
+    whole = SourceLocation(shown_path(module_file)) if isinstance(module_file, str) else None
     obj: Any = module
     try:
         for part in attr.split("."):
@@ -642,13 +673,12 @@ def definition(spec: str) -> Any:
         obj = inspect.unwrap(obj)
         file = inspect.getsourcefile(obj)
         _, line = inspect.getsourcelines(obj)
-    # the user's object may have no source (a C function, a lambda built at run time) or
-    # a module __getattr__ that raises: the annotation then points at the file alone
+    # no source to read (a C function, a lambda built at run time) or a module
+    # __getattr__ that raises: the annotation points at the module's file alone
     except Exception:
-        module_file = getattr(module, "__file__", None)
-        return SourceLocation(shown_path(module_file)) if isinstance(module_file, str) else fallback
+        return whole
     if file is None:
-        return fallback
+        return whole
     return SourceLocation(shown_path(file), line if line > 0 else None)
 
 

@@ -206,8 +206,13 @@ CAUSES: tuple[tuple[str, str, frozenset[str]], ...] = (
     ),
     (
         "frozen-noise",
-        "repeated noise is not a sample, so its scale cannot be read",
-        frozenset({"noise-scale"}),
+        "without fresh noise the KL term's pull on log_var meets no reconstruction cost",
+        frozenset({"noise-scale", "grad-dominance", "posterior-collapse", "collapse-onset"}),
+    ),
+    (
+        "noise-scale",
+        "noise of the wrong scale changes what the KL and reconstruction terms trade",
+        frozenset({"grad-dominance", "posterior-collapse", "collapse-onset"}),
     ),
     (
         "posterior-collapse",

@@ -51,7 +51,6 @@ from meaning_transform.diagnostics.rules import (
     not_checked,
 )
 from meaning_transform.diagnostics.vae_checks import VaeEvidence, VaeStep, vae_not_checked
-from meaning_transform.losses.kl import kl_per_sample
 
 
 class Findings(tuple[Finding, ...]):
@@ -260,7 +259,9 @@ class _VaeRecorder:
         dtype = torch.float32 if mu.device.type == "mps" else torch.float64  # MPS has no f64
         mu2 = mu.detach().to(dtype).reshape(batch, -1)  # (B, Z)
         lv2 = log_var.detach().to(dtype).reshape(batch, -1)  # (B, Z)
-        analytic = kl_per_sample(mu2, lv2).mean()
+        # unclamped (the loss library clamps log_var to [-30, 20]; a user's KL does not,
+        # and an audit against a clamped KL would call a diverging run's KL wrong)
+        analytic = (0.5 * (mu2.pow(2) + lv2.exp() - 1.0 - lv2)).sum(1).mean()
         terms = {n: t for n, t in result.get("terms", {}).items() if "/" not in n}
         weights = result.get("weights", {})
         name = self._kl_of(terms)
