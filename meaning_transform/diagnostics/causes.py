@@ -28,6 +28,7 @@ CAUSES: tuple[tuple[str, str, frozenset[str]], ...] = (
         "NaN/Inf in the data makes every later number NaN-driven",
         frozenset(
             {
+                "frozen-noise",
                 "nonfinite-loss",
                 "nonfinite-grad",
                 "exploding-grad",
@@ -71,6 +72,7 @@ CAUSES: tuple[tuple[str, str, frozenset[str]], ...] = (
         "after a NaN/Inf loss the gradient statistics and the loss trend are NaN-driven",
         frozenset(
             {
+                "frozen-noise",
                 "nonfinite-grad",
                 "exploding-grad",
                 "vanishing-grad",
@@ -93,6 +95,7 @@ CAUSES: tuple[tuple[str, str, frozenset[str]], ...] = (
         "a NaN/Inf gradient corrupts the weights, and every statistic after it",
         frozenset(
             {
+                "frozen-noise",
                 "exploding-grad",
                 "vanishing-grad",
                 "loss-oscillation",
@@ -242,6 +245,45 @@ def cause_of(code: str, present: Sequence[str]) -> tuple[str, str] | None:
     return None
 
 
+# Pairs (earlier, later) whose order in CAUSES is the usual one the other way round, but
+# whose evidence says which came first: a gradient that went NaN/Inf while the loss was
+# finite (sqrt at 0, a custom backward) makes the weights, and then the loss, NaN.
+FIRST_LEADS: tuple[tuple[str, str, str], ...] = (
+    (
+        "nonfinite-grad",
+        "nonfinite-loss",
+        "the gradient went NaN/Inf while the loss was finite, and the update made the "
+        "weights and then the loss NaN",
+    ),
+)
+
+
+def _first_step(found: Sequence[Finding], code: str) -> int | None:
+    steps = [f.evidence.get("first_step") for f in found if f.code == code]
+    ints = [s for s in steps if isinstance(s, int)]
+    return min(ints) if ints else None
+
+
+def _led_by_an_earlier_fault(found: Sequence[Finding]) -> dict[str, tuple[str, str]]:
+    """Codes that follow from a finding whose evidence shows it came first (FIRST_LEADS)."""
+    led: dict[str, tuple[str, str]] = {}
+    for first, later, why in FIRST_LEADS:
+        a, b = _first_step(found, first), _first_step(found, later)
+        if a is not None and b is not None and a < b:
+            led[later] = (first, why)
+    return led
+
+
+def _as_consequence(f: Finding, cause: str, why: str) -> Finding:
+    return replace(
+        f,
+        severity="info",
+        consequence_of=cause,
+        title=f"{f.title} (consequence of {cause})",
+        remedy=f"Fix {cause} first: {why}. This finding follows from it.",
+    )
+
+
 def mark_consequences(found: Sequence[Finding]) -> list[Finding]:
     """The findings, worst first, each consequence marked and placed after its cause.
 
@@ -250,22 +292,20 @@ def mark_consequences(found: Sequence[Finding]) -> list[Finding]:
     set and a remedy pointing at the cause. Info findings cause nothing.
     """
     present = [f.code for f in found if f.severity in ("error", "warning")]
+    led = _led_by_an_earlier_fault(found)
+    present = [c for c in present if c not in led]
     marked: list[Finding] = []
     for f in found:
+        if f.code in led and not f.consequence_of:
+            cause, why = led[f.code]
+            marked.append(_as_consequence(f, cause, why))
+            continue
         hit = cause_of(f.code, present) if not f.consequence_of else None
         if hit is None:
             marked.append(f)
             continue
         cause, why = hit
-        marked.append(
-            replace(
-                f,
-                severity="info",
-                consequence_of=cause,
-                title=f"{f.title} (consequence of {cause})",
-                remedy=f"Fix {cause} first: {why}. This finding follows from it.",
-            )
-        )
+        marked.append(_as_consequence(f, cause, why))
     roots = sort_findings(f for f in marked if not f.consequence_of)
     rank = {f.code: i for i, f in enumerate(roots)}
     # each consequence right after its cause; consequences of one cause by code

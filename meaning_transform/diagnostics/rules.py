@@ -138,6 +138,10 @@ def nonfinite_loss(ev: RunEvidence) -> list[Finding]:
             evidence={
                 "first_epoch": first.epoch,
                 "skipped_steps": sum(r.skipped_steps for r in bad),
+                # the first optimizer step (0-based) whose loss was NaN/Inf, when known
+                "first_step": next(
+                    (i for i, v in enumerate(ev.step_losses) if not math.isfinite(v)), None
+                ),
             },
             where=ev.where,
         )
@@ -208,7 +212,11 @@ def nonfinite_grad(ev: RunEvidence) -> list[Finding]:
                 "Look for sqrt/log/division at zero in custom loss terms (a finite loss can "
                 "still have an infinite derivative); clip gradients; lower the learning rate."
             ),
-            evidence={"steps": len(bad), "parameters": len(params)},
+            evidence={
+                "steps": len(bad),
+                "parameters": len(params),
+                "first_step": bad[0].step,  # the first backward (0-based) with NaN/Inf
+            },
             where=ev.where,
         )
     ]
@@ -824,10 +832,19 @@ def unused_params(ev: RunEvidence) -> list[Finding]:
     ]
 
 
+def _beta_changes(ev: RunEvidence) -> bool:
+    """The KL weight changed during the run: the total's trend reflects the schedule."""
+    from meaning_transform.diagnostics.vae_checks import beta_varies
+
+    return beta_varies(ev.vae)
+
+
 @rule
 def loss_plateau(ev: RunEvidence) -> list[Finding]:
     """The total fell by less than PLATEAU_IMPROVEMENT of |first epoch's| (relative, so
     any reduction and sign of the loss read the same)."""
+    if _beta_changes(ev):
+        return []
     totals = [r.total for r in ev.records]
     if len(totals) < PLATEAU_MIN_EPOCHS or not all(math.isfinite(t) for t in totals):
         return []
@@ -891,6 +908,8 @@ def loss_oscillation(ev: RunEvidence) -> list[Finding]:
     large for the loss surface; a short run may show one such spike before the loss
     settles), or the epoch total jumps back up (by > 5%) again and again instead of
     settling, or jumps OSC_SPIKE-fold in one epoch. Without step losses, the epochs only."""
+    if _beta_changes(ev):
+        return []
     spikes = _step_spikes(ev)
     rises = _epoch_rises(ev)
     moves = len(ev.records) - 1
@@ -1047,6 +1066,10 @@ PER_TERM_CODES: tuple[str, ...] = (
 def not_checked(ev: RunEvidence) -> list[NotChecked]:
     """The rules whose evidence this run could not give, each with the reason."""
     out: list[NotChecked] = []
+    if _beta_changes(ev):
+        from meaning_transform.diagnostics.vae_checks import TOTAL_TREND_CODES, WHILE_BETA_CHANGES
+
+        out.extend(NotChecked(code, WHILE_BETA_CHANGES) for code in TOTAL_TREND_CODES)
     collapse = collapse_verdict(ev)
     if collapse.status == "not-judged":
         out.append(NotChecked(collapse.code, collapse.reason))

@@ -309,8 +309,16 @@ def beta_schedule(ev: RunEvidence) -> list[Finding]:
 def beta_varies(vae: VaeEvidence | None) -> bool:
     """Whether the KL weight the loss reported (or was given) changed during the run:
     then the total is a different objective from step to step."""
-    given = [abs(s.given_weight) for s in vae.steps if math.isfinite(s.given_weight)] if vae else []
+    steps = vae.steps if vae else ()
+    given = [abs(s.given_weight) for s in steps if math.isfinite(s.given_weight)]
+    if not given:  # no weight given: the weight measured from the total and its terms
+        given = [abs(s.weight) for s in steps if math.isfinite(s.weight)]
     return bool(given) and max(given) - min(given) > BETA_CONSTANT * max(given)
+
+
+# The rules on the trend of the total set aside while the KL weight changes.
+TOTAL_TREND_CODES: tuple[str, ...] = ("loss-oscillation", "loss-plateau")
+WHILE_BETA_CHANGES = "the total is a different objective each epoch while β changes"
 
 
 def _describe(steps: Sequence[VaeStep], start: int, end: int) -> str:

@@ -44,8 +44,7 @@ from meaning_transform.training import EpochRecord, TrainConfig, TrainResult, lo
 ATTRIBUTIONS_PER_RUN = 20  # per-term gradients cost one backward per term: sample steps
 # Rules that judge the trend of the total. While β changes, the total is a different
 # objective each epoch (it rises as β rises), so these would raise false alarms.
-TOTAL_TREND_CODES: tuple[str, ...] = ("loss-oscillation", "loss-plateau")
-WHILE_BETA_CHANGES = "the total is a different objective each epoch while β changes"
+from meaning_transform.diagnostics.vae_checks import TOTAL_TREND_CODES, WHILE_BETA_CHANGES  # noqa: E402
 
 
 @dataclass(frozen=True)

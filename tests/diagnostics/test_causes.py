@@ -88,3 +88,27 @@ def test_cause_of_reads_only_the_codes_present():
     assert cause_of("loss-plateau", ["loss-plateau"]) is None
     cause, why = cause_of("loss-plateau", ["no-grad-path", "dying-relu"]) or ("", "")
     assert cause == "dying-relu" and why
+
+
+def _at(code: str, step: int, severity: str = "error") -> Finding:
+    return Finding(code, severity, code, code, code, "run", {"first_step": step})  # type: ignore[arg-type]
+
+
+def test_a_gradient_that_went_nan_before_the_loss_leads_it():
+    """sqrt at 0: the loss is finite, its gradient NaN; the update makes the loss NaN."""
+    marked = mark_consequences(
+        [_at("nonfinite-loss", 1), _at("nonfinite-grad", 0), _f("exploding-grad")]
+    )
+    assert [(f.code, f.consequence_of) for f in marked] == [
+        ("nonfinite-grad", ""),
+        ("exploding-grad", "nonfinite-grad"),
+        ("nonfinite-loss", "nonfinite-grad"),
+    ]
+
+
+def test_a_loss_that_went_nan_first_leads_its_gradient():
+    marked = mark_consequences([_at("nonfinite-loss", 3), _at("nonfinite-grad", 3)])
+    assert [(f.code, f.consequence_of) for f in marked] == [
+        ("nonfinite-loss", ""),
+        ("nonfinite-grad", "nonfinite-loss"),
+    ]
