@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import fields, is_dataclass
 from types import TracebackType
 from typing import Any
 
@@ -39,9 +40,14 @@ from meaning_transform.diagnostics.attribution import (
     term_attribution,
 )
 from meaning_transform.diagnostics.findings import Finding, NotChecked
-from meaning_transform.diagnostics.gradients import GradientHooks, dead_units
+from meaning_transform.diagnostics.gradients import (
+    GradientHooks,
+    GradientSnapshot,
+    ParamGradStats,
+    dead_units,
+)
 from meaning_transform.diagnostics.history import EpochHistory
-from meaning_transform.diagnostics.latent import measure_latent
+from meaning_transform.diagnostics.latent import LatentHealth, measure_latent
 from meaning_transform.diagnostics.noise import NoiseRecorder
 from meaning_transform.diagnostics.rules import (
     RunEvidence,
@@ -51,6 +57,8 @@ from meaning_transform.diagnostics.rules import (
     not_checked,
 )
 from meaning_transform.diagnostics.vae_checks import VaeEvidence, VaeStep, vae_not_checked
+from meaning_transform.losses.kl import LOG_VAR_MAX, LOG_VAR_MIN
+from meaning_transform.training import EpochRecord
 
 
 class Findings(tuple[Finding, ...]):
@@ -259,9 +267,12 @@ class _VaeRecorder:
         dtype = torch.float32 if mu.device.type == "mps" else torch.float64  # MPS has no f64
         mu2 = mu.detach().to(dtype).reshape(batch, -1)  # (B, Z)
         lv2 = log_var.detach().to(dtype).reshape(batch, -1)  # (B, Z)
-        # unclamped (the loss library clamps log_var to [-30, 20]; a user's KL does not,
-        # and an audit against a clamped KL would call a diverging run's KL wrong)
+        # judged only where log_var is inside the loss library's clamp range [-30, 20]:
+        # there a clamped KL (mtx's own) and an unclamped one (most users') agree, while
+        # outside it a diverging run's KL would be called wrong by one or the other
         analytic = (0.5 * (mu2.pow(2) + lv2.exp() - 1.0 - lv2)).sum(1).mean()
+        inside = ((lv2 >= LOG_VAR_MIN) & (lv2 <= LOG_VAR_MAX)).all()
+        analytic = torch.where(inside, analytic, analytic.new_tensor(math.nan))
         terms = {n: t for n, t in result.get("terms", {}).items() if "/" not in n}
         weights = result.get("weights", {})
         name = self._kl_of(terms)
@@ -326,6 +337,72 @@ class _VaeRecorder:
             schedule_declared=self.beta_schedule is not None,
             beta_max=self.beta_max,
         )
+
+
+# ---- the Doctor's evidence as plain data, for a checkpoint ----------------------------------
+# Only containers, numbers, strings and tensors, so a checkpoint holding it loads with
+# torch.load(weights_only=True) (the default since torch 2.6): a dataclass is a dict
+# tagged with its class name, read back only for the classes below; a tuple is tagged too.
+_STATE_VERSION = 1
+_EVIDENCE_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (GradientSnapshot, ParamGradStats, Attribution, EpochRecord, VaeStep, LatentHealth)
+}
+
+
+def _encode(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        name = type(value).__name__
+        if name not in _EVIDENCE_TYPES:
+            raise TypeError(f"cannot save a {name} in the Doctor's state")
+        return {
+            "__dataclass__": name,
+            **{f.name: _encode(getattr(value, f.name)) for f in fields(value)},
+        }
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, dict):
+        if "__tuple__" in value:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        if "__dataclass__" in value:
+            cls = _EVIDENCE_TYPES.get(value["__dataclass__"])
+            if cls is None:
+                raise ValueError(f"unknown type {value['__dataclass__']!r} in the Doctor's state")
+            return cls(**{k: _decode(v) for k, v in value.items() if k != "__dataclass__"})
+        return {k: _decode(v) for k, v in value.items()}
+    return value
+
+
+# what state_dict() saves of each part (the model, hooks and callables are not evidence)
+_DOCTOR_STATE = (
+    "attributions", "term_values", "input_non_finite", "reduction", "steps", "_epoch_start",
+    "detached_terms", "unexplained", "batch_size", "step_losses", "step_batch_sizes", "latent",
+)  # fmt: skip
+_PART_STATE: dict[str, tuple[str, ...]] = {
+    "noise": ("steps", "pairs", "repeated", "probed", "dropped", "scale_steps", "_last"),
+    "history": ("records", "_sums", "_weights", "_totals", "_floors", "_events", "_beta"),
+    "vae": ("kl_term", "problem", "weight_source", "seen", "stride", "steps", "last"),
+}
+
+
+def _finite_items(prefix: str, values: Mapping[str, float | None]) -> dict[str, float]:
+    return {
+        f"{prefix}{name}": float(v)
+        for name, v in values.items()
+        if v is not None and math.isfinite(v)
+    }
 
 
 class Doctor:
@@ -393,6 +470,8 @@ class Doctor:
         self.step_batch_sizes: list[int] = []  # the batch size of every step (0: unknown)
         self.vae = _VaeRecorder(beta_schedule, beta_max, kl_term)
         self.reparameterize = _ReparamTap(model)  # z for a model that returns none
+        self.latent: LatentHealth | None = None  # the latest measured (findings or metrics)
+        self._last_terms: dict[str, torch.Tensor] = {}  # the latest step's terms, detached
 
     # ---- lifecycle: the gradient hooks live between attach() and close() ----
     def attach(self) -> Doctor:
@@ -454,6 +533,7 @@ class Doctor:
         if self.attribute_every and self.steps % self.attribute_every == 0:
             self._attribute(result)
         self.history.add_step(result)
+        self._last_terms = {n: t.detach() for n, t in result.get("terms", {}).items()}
         self._pending_losses.append(result["loss"].detach().reshape(()))
         self.step_batch_sizes.append(int(x.shape[0]) if x is not None and x.dim() else 0)
         if len(self._pending_losses) >= 64:
@@ -463,6 +543,13 @@ class Doctor:
         self.steps += 1
         if self.history.due():
             self.epoch_end()
+
+    def check(self) -> Findings:
+        """The findings so far, between steps: like :meth:`findings` without data, but the
+        open epoch stays open (only closed epochs are judged) and the model is not run."""
+        evidence = self.evidence(tuple(self.history.records), None, self.batch_size)
+        skipped = not_checked(evidence) + vae_not_checked(evidence)
+        return Findings(evaluate(evidence), tuple(skipped))
 
     def epoch_end(self) -> None:
         """Close an epoch of the Doctor's own history (a user's loop calls it per epoch)."""
@@ -547,7 +634,7 @@ class Doctor:
         if data is not None and data.shape[0] >= 2 and bool(torch.isfinite(data).all()):
             device = next(self.model.parameters()).device
             sample = data[:1024].to(device)  # (N, D)
-            latent = measure_latent(self.model, sample)
+            latent = self.latent = measure_latent(self.model, sample)
             dead = dead_units(self.model, sample) or None
         return RunEvidence(
             where=self.where,
@@ -597,3 +684,110 @@ class Doctor:
     def summary(self) -> AttributionSummary | None:
         """Attribution averaged over the attributed steps (None before any attribution)."""
         return summarise_attributions(self.attributions)
+
+    # ---- for a logger, and for a checkpoint ----
+    def metrics(self, data: torch.Tensor | None = None) -> dict[str, float]:
+        """The current scalars as one flat dict, finite values only, for any logger::
+
+            writer.add_scalars("mtx", doctor.metrics(), step)   # TensorBoard
+
+        NaN and Inf are left out (they are findings, e.g. ``nonfinite-loss``; TensorBoard's
+        histogram writer crashes on them), so a key may be missing at a step. Keys:
+
+        - ``mtx/loss``: the latest step's total; ``mtx/term/<name>``: its terms.
+        - ``mtx/grad_norm/total``: the latest backward's total gradient norm (before
+          clipping: what ``clip_grad_norm_`` returns); ``mtx/grad_norm/first_last_ratio``.
+        - ``mtx/grad_norm/<term>``: each term's gradient norm at the latest attribution.
+        - ``mtx/kl/analytic``: the analytic KL of the latest step's batch (mean over it);
+          ``mtx/kl/weight``: the weight the loss applied to its KL term.
+        - ``mtx/noise/mean``, ``mtx/noise/std``: the recovered noise eps, pooled over the
+          run (0 and 1 expected); ``mtx/noise/repeated``: the share of compared steps
+          whose noise repeated (0 expected).
+        - ``mtx/kl_dim/<j>``, ``mtx/kl_total``, ``mtx/active_units``: latent health (eval
+          mode) on ``data`` when given (up to 1024 rows), else the latest measured by
+          :meth:`findings` or :meth:`metrics` with data; absent before any.
+
+        Each call makes one host copy of the latest step's values (no copy per term). A
+        term named ``total`` or ``first_last_ratio`` shares its gradient-norm key with the
+        whole model's: the term's value wins.
+        """
+        out: dict[str, float] = {}
+        latest = self._pending_losses[-1:] + list(self._last_terms.values())
+        device = latest[0].device if latest else None
+        host = (
+            torch.stack([t.reshape(()).to(device, torch.float64) for t in latest]).tolist()
+            if latest
+            else []
+        )
+        loss = host[0] if self._pending_losses else (self.step_losses or [math.nan])[-1]
+        out.update(_finite_items("mtx/", {"loss": loss}))
+        terms = host[len(self._pending_losses[-1:]) :]  # one host copy for loss and terms
+        out.update(_finite_items("mtx/term/", dict(zip(self._last_terms, terms, strict=True))))
+        history = self.hooks.history
+        if history:
+            grads = {
+                "total": history[-1].total_norm,
+                "first_last_ratio": history[-1].first_last_ratio,
+            }
+            out.update(_finite_items("mtx/grad_norm/", grads))
+        if self.attributions:
+            out.update(_finite_items("mtx/grad_norm/", self.attributions[-1].norm))
+        self.vae.flush()
+        if self.vae.last is not None:
+            kl = {"analytic": self.vae.last.analytic_kl, "weight": self.vae.last.weight}
+            out.update(_finite_items("mtx/kl/", kl))
+        scale, repeats = self.noise.scale(), self.noise.repeats()
+        noise: dict[str, float | None] = {}
+        if scale is not None:
+            noise.update(mean=scale.mean, std=scale.std)
+        if repeats is not None:
+            noise["repeated"] = repeats.repeated / repeats.pairs
+        out.update(_finite_items("mtx/noise/", noise))
+        if data is not None and data.shape[0] >= 2 and bool(torch.isfinite(data).all()):
+            device = next(self.model.parameters()).device
+            self.latent = measure_latent(self.model, data[:1024].to(device))
+        if self.latent is not None:
+            dims = {str(j): kl for j, kl in enumerate(self.latent.kl_per_dim)}
+            out.update(_finite_items("mtx/kl_dim/", dims))
+            totals = {"kl_total": self.latent.kl_total, "active_units": self.latent.active_units}
+            out.update(_finite_items("mtx/", totals))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The evidence so far as plain data (containers, numbers, strings, CPU tensors), so
+        a resumed run keeps it: save it in a checkpoint, hand it to :meth:`load_state_dict`
+        of a Doctor on the same model. It loads with ``torch.load(weights_only=True)``."""
+        self._flush_losses()
+        self.vae.flush()
+        state: dict[str, Any] = {"version": _STATE_VERSION}
+        state["doctor"] = {name: _encode(getattr(self, name)) for name in _DOCTOR_STATE}
+        state["gradients"] = _encode(self.hooks.history)
+        for part, names in _PART_STATE.items():
+            state[part] = {name: _encode(getattr(getattr(self, part), name)) for name in names}
+        moments = self.noise._moments
+        state["noise"]["_moments"] = {
+            "n": moments.n,
+            "mean": _encode(moments.mean),
+            "m2": _encode(moments.m2),
+        }
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (replacing the evidence recorded so far)."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"expected a Doctor state of version {_STATE_VERSION}, got {state.get('version')!r}"
+            )
+        for name, value in state["doctor"].items():
+            setattr(self, name, _decode(value))
+        self.hooks._history = _decode(state["gradients"])
+        self.hooks._unread, self.hooks._current = [], {}
+        self._pending_losses = []
+        self.vae._pending = []
+        for part, names in _PART_STATE.items():
+            for name in names:
+                setattr(getattr(self, part), name, _decode(state[part][name]))
+        moments = state["noise"]["_moments"]
+        self.noise._moments.n = float(moments["n"])
+        self.noise._moments.mean = moments["mean"].clone()
+        self.noise._moments.m2 = moments["m2"].clone()
