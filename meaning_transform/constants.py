@@ -16,6 +16,34 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum")
 SCHEDULES: tuple[ScheduleType, ...] = ("linear", "sigmoid", "cyclical", "exponential")
 DATA_KINDS: tuple[str, ...] = ("agent_states", "normal", "uniform", "binary", "one_hot")
+# The --scenario names (meaning_transform.scenarios.SCENARIOS, which imports torch: shell
+# completion must not; a test holds the two together).
+SCENARIO_NAMES: tuple[str, ...] = (
+    "healthy",
+    "nan-input",
+    "nan-grad",
+    "zero-loss",
+    "posterior-collapse",
+    "frozen-noise",
+    "frozen-no-z",
+    "noise-scale",
+    "tiny-noise",
+    "no-grad-path",
+    "vanishing-grad",
+    "exploding-grad",
+    "dying-relu",
+    "unused-params",
+    "loss-plateau",
+    "loss-oscillation",
+    "imbalance",
+    "conflict",
+    "hidden-term",
+    "legacy-reduction",
+    "kl-wrong-sign",
+    "beta-ignored",
+    "collapse-onset",
+    "original",
+)
 # The loss components the built-in CombinedLoss reports, in table order.
 COMPONENTS: tuple[str, ...] = ("reconstruction", "kl", "semantic", "compression")
 # KL per sample = -1/2 sum_z (1 + log_var - mu^2 - exp(log_var)), term by term.

@@ -165,3 +165,23 @@ def test_layout_map_names_every_module_once():
         and p.parent.name != "losses"
     } | {"losses/"}
     assert modules == set(listed), (sorted(modules - set(listed)), sorted(set(listed) - modules))
+
+
+def test_the_github_actions_workflow_parses_and_runs_real_formats():
+    """The README's workflow is valid YAML, and every mtx call in it uses a --format and a
+    --fail-on value that exist."""
+    import pytest
+
+    from meaning_transform.diagnostics.findings import FAIL_ON
+    from meaning_transform.formats import FORMATS
+
+    yaml = pytest.importorskip("yaml")
+    block = re.search(r"```yaml\n(name: mtx\n.*?)```", README, re.S)
+    assert block, "the README has no GitHub Actions workflow"
+    workflow = yaml.safe_load(block.group(1))
+    steps = workflow["jobs"]["vae-doctor"]["steps"]
+    runs = [s["run"] for s in steps if "run" in s and s["run"].startswith("mtx ")]
+    assert len(runs) == 3
+    assert {re.search(r"--format (\S+)", r).group(1) for r in runs} <= set(FORMATS)
+    assert {re.search(r"--fail-on (\S+)", r).group(1) for r in runs} <= set(FAIL_ON)
+    assert any("upload-sarif" in s.get("uses", "") for s in steps)

@@ -22,7 +22,7 @@ app = typer.Typer(
     help="A command-line doctor for VAE training: finds zero, NaN and vanishing loss terms "
     "and dying gradients, says why, and what to do.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, pwsh)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )

@@ -34,7 +34,12 @@ from meaning_transform.constants import SCHEDULES as SCHEDULE_TYPES
 
 def anneal_demo(
     schedule: Annotated[
-        str, typer.Option("--schedule", help="linear|sigmoid|cyclical|exponential.")
+        str,
+        typer.Option(
+            "--schedule",
+            help="linear|sigmoid|cyclical|exponential.",
+            autocompletion=common.completes(SCHEDULE_TYPES),
+        ),
     ] = "sigmoid",
     min_beta: Annotated[
         float, typer.Option("--min-beta", help="β at the start (and at each cycle's start).")

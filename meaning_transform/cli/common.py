@@ -30,7 +30,7 @@ from meaning_transform.cli.console import (  # noqa: F401 (moved; re-exported)
     PIPED_WIDTH,
     console,
 )
-from meaning_transform.constants import DEVICES, REDUCTIONS  # noqa: F401
+from meaning_transform.constants import DEVICES, REDUCTIONS, SCENARIO_NAMES  # noqa: F401
 from meaning_transform.diagnostics.findings import FAIL_ON
 
 # ---- limits on what the user may ask for (one place; the help texts quote them) ----
@@ -52,6 +52,18 @@ MAX_EVERY = MAX_EPOCHS
 MAX_CYCLES = MAX_EPOCHS // 2
 
 
+# ---- shell completion: the choices of an option, without importing torch ----
+
+
+def completes(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """A Typer ``autocompletion`` offering the ``choices`` that start with what was typed."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [c for c in choices if c.startswith(incomplete)]
+
+    return complete
+
+
 # ---- option types (one place, so all four commands read the same) ----
 
 Seed = Annotated[
@@ -62,7 +74,14 @@ Seed = Annotated[
         "(what torch and numpy both accept).",
     ),
 ]
-Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|mps; auto falls back to cpu.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="auto|cpu|cuda|mps; auto falls back to cpu.",
+        autocompletion=completes(DEVICES),
+    ),
+]
 Epochs = Annotated[
     int, typer.Option("--epochs", help=f"Training epochs per run, 1 to {MAX_EPOCHS:,}.")
 ]
@@ -86,7 +105,9 @@ Plot = Annotated[
 FailOn = Annotated[
     str,
     typer.Option(
-        "--fail-on", help="never|error|warning: exit 1 when a finding is at or above this."
+        "--fail-on",
+        help="never|error|warning: exit 1 when a finding is at or above this.",
+        autocompletion=completes(("never", "error", "warning")),
     ),
 ]
 Force = Annotated[
@@ -102,6 +123,7 @@ Format = Annotated[
         help=f"{FORMAT_CHOICES}: the report as tables (default), JSON, GitHub annotations, "
         "a Markdown summary, SARIF 2.1.0 or JUnit XML. Without --output it alone goes to "
         "stdout; --json is --format json.",
+        autocompletion=completes(tuple(FORMAT_CHOICES.split("|"))),
         show_default=False,
     ),
 ]
@@ -698,6 +720,7 @@ ScenarioName = Annotated[
         "--scenario",
         help="Inject a known fault into the built-in setup to see its finding, e.g. "
         "frozen-noise, no-grad-path, posterior-collapse (all listed in the README).",
+        autocompletion=completes(SCENARIO_NAMES),
     ),
 ]
 

@@ -39,6 +39,7 @@ def debug_extended(
         typer.Option(
             "--data-kind",
             help="all|agent_states|normal|uniform|binary|one_hot (synthetic data only).",
+            autocompletion=common.completes(DATA_KIND_CHOICES),
         ),
     ] = "all",
     samples: Annotated[
