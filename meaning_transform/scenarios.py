@@ -208,7 +208,8 @@ class Scenario:
         if not self.nan_input:
             return x
         x = x.clone()
-        x[5, 2] = float("nan")  # one bad health value
+        # one bad value: row 5, column 2 (agent states' health) when the data has them
+        x[min(5, x.shape[0] - 1), min(2, x.shape[1] - 1)] = float("nan")
         return x
 
     def model(self, input_dim: int, seed: int, output_activation: str) -> nn.Module:

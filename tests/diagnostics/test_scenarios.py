@@ -65,3 +65,12 @@ def test_every_rule_has_a_scenario():
 def test_unknown_scenario_is_a_value_error():
     with pytest.raises(ValueError, match="unknown scenario"):
         get_scenario("gremlins")
+
+
+@pytest.mark.parametrize("shape", [(3, 10), (8, 2), (1, 1)])
+def test_nan_input_fits_data_of_any_size(shape):
+    """The scenario's one bad value lands inside small data too (it used to index row 5)."""
+    import torch
+
+    x = get_scenario("nan-input").data(torch.zeros(shape))
+    assert int(torch.isnan(x).sum()) == 1
