@@ -92,6 +92,7 @@ class RunEvidence:
     step_losses: tuple[float, ...] = ()  # the total loss of every step (NaN kept)
     step_batch_sizes: tuple[int, ...] = ()  # the batch size of every step (0: unknown)
     vae: Any = None  # vae_checks.VaeEvidence: KL audit, beta plan and KL trace per step
+    nan_origin: Any = None  # nan_guard.NanOrigin: where the first NaN/Inf appeared
 
 
 RULES: list[Rule] = []
@@ -114,6 +115,20 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+def _origin(ev: RunEvidence, kinds: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """The NaN guard's origin as a message suffix and evidence, when of one of ``kinds``."""
+    o = ev.nan_origin
+    if o is None or o.kind not in kinds:
+        return "", {}
+    evidence: dict[str, Any] = {"origin": o.kind, "origin_where": o.where, "origin_step": o.step}
+    if o.kind == "forward":
+        evidence["first_module"] = o.where
+        evidence.update({k: v for k, v in o.details.items() if k != "module"})
+    elif o.kind == "backward":
+        evidence["first_parameter"] = o.where
+    return f"; {o.describe()}", evidence
+
+
 @rule
 def nonfinite_loss(ev: RunEvidence) -> list[Finding]:
     bad = [r for r in ev.records if r.skipped_steps or not math.isfinite(r.total)]
@@ -122,6 +137,7 @@ def nonfinite_loss(ev: RunEvidence) -> list[Finding]:
     first = bad[0]
     terms = sorted(name for r in bad for name, v in r.raw.items() if not math.isfinite(v))
     detail = first.non_finite[0] if first.non_finite else "the total loss is not finite"
+    where, origin = _origin(ev, ("data", "forward", "loss-term", "backward"))
     return [
         Finding(
             code="nonfinite-loss",
@@ -129,7 +145,7 @@ def nonfinite_loss(ev: RunEvidence) -> list[Finding]:
             title="Loss or gradient is NaN/Inf",
             message=(
                 f"{sum(r.skipped_steps for r in bad)} step(s) skipped from epoch {first.epoch}; "
-                f"{detail}" + (f"; terms: {', '.join(sorted(set(terms)))}" if terms else "")
+                f"{detail}" + (f"; terms: {', '.join(sorted(set(terms)))}" if terms else "") + where
             ),
             remedy=(
                 "Check the input data for NaN/Inf and normalise it; lower the learning rate; "
@@ -142,6 +158,7 @@ def nonfinite_loss(ev: RunEvidence) -> list[Finding]:
                 "first_step": next(
                     (i for i, v in enumerate(ev.step_losses) if not math.isfinite(v)), None
                 ),
+                **origin,
             },
             where=ev.where,
         )
@@ -199,6 +216,7 @@ def nonfinite_grad(ev: RunEvidence) -> list[Finding]:
     if not bad:
         return []
     params = sorted({p.name for s in bad for p in s.params if (p.non_finite or 0) > 0})
+    where, origin = _origin(ev, ("data", "forward", "loss-term", "backward"))
     return [
         Finding(
             code="nonfinite-grad",
@@ -206,7 +224,7 @@ def nonfinite_grad(ev: RunEvidence) -> list[Finding]:
             title="Gradient holds NaN/Inf",
             message=(
                 f"{len(bad)} of {len(ev.snapshots)} steps had non-finite gradients, in "
-                f"{', '.join(params[:4])}" + (" ..." if len(params) > 4 else "")
+                f"{', '.join(params[:4])}" + (" ..." if len(params) > 4 else "") + where
             ),
             remedy=(
                 "Look for sqrt/log/division at zero in custom loss terms (a finite loss can "
@@ -216,6 +234,7 @@ def nonfinite_grad(ev: RunEvidence) -> list[Finding]:
                 "steps": len(bad),
                 "parameters": len(params),
                 "first_step": bad[0].step,  # the first backward (0-based) with NaN/Inf
+                **origin,
             },
             where=ev.where,
         )
@@ -226,14 +245,15 @@ def nonfinite_grad(ev: RunEvidence) -> list[Finding]:
 def nonfinite_input(ev: RunEvidence) -> list[Finding]:
     if not ev.input_non_finite:
         return []
+    where, origin = _origin(ev, ("data",))
     return [
         Finding(
             code="nonfinite-input",
             severity="error",
             title="Training data holds NaN/Inf",
-            message=f"{ev.input_non_finite} non-finite values entered the model",
+            message=f"{ev.input_non_finite} non-finite values entered the model" + where,
             remedy="Clean or impute the data and normalise it to a reasonable range.",
-            evidence={"values": ev.input_non_finite},
+            evidence={"values": ev.input_non_finite, **origin},
             where=ev.where,
         )
     ]
@@ -1027,7 +1047,10 @@ def batch_dependent_weights(ev: RunEvidence) -> list[Finding]:
     if not ev.records:
         return []
     weights = ev.records[-1].weights
-    used = {n: r for n, r in ev.reduction.items() if weights.get(n, 0.0) > 0}
+    # only terms whose reduction is known: a term that is always 0 reads as neither
+    used = {
+        n: r for n, r in ev.reduction.items() if weights.get(n, 0.0) > 0 and r in ("sum", "mean")
+    }
     if len(set(used.values())) < 2:
         return []
     summed = sorted(n for n, r in used.items() if r == "sum")

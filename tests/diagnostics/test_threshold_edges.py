@@ -642,6 +642,14 @@ CASES: list[tuple[str, RunEvidence, str, bool]] = [
         "batch-dependent-weights",
         False,
     ),
+    (
+        # a term that is always 0 has no measurable reduction: "mean" and "unknown" are
+        # not a mix (the message used to read "summed over the batch but ... averaged")
+        "batch-dependent-weights: one term's reduction unknown",
+        mixed_reduction(reduction="unknown"),
+        "batch-dependent-weights",
+        False,
+    ),
 ]
 IDS = [case[0] for case in CASES]
 
