@@ -676,6 +676,11 @@ def _loss_scale(ev: RunEvidence) -> float | None:
     return scale if scale > 0 else None
 
 
+def loss_scale(ev: RunEvidence) -> float | None:
+    """The run's loss scale as the rules read it (see :func:`_loss_scale`)."""
+    return _loss_scale(ev)
+
+
 def _batch_sizes(ev: RunEvidence) -> tuple[int, ...]:
     """The batch size of every step loss (0, all alike, when not recorded)."""
     if len(ev.step_batch_sizes) == len(ev.step_losses):

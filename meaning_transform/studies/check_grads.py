@@ -25,6 +25,7 @@ from meaning_transform.diagnostics.gradients import (
     GradientSnapshot,
     ParamGradStats,
 )
+from meaning_transform.diagnostics.rules import loss_scale
 from meaning_transform.diagnostics.structure import biases_before_batch_norm
 from meaning_transform.diagnostics.thresholds import LARGE_UPDATE, VANISHING_ABS_MEAN
 from meaning_transform.studies.pipeline import Pipeline, weights_of
@@ -106,17 +107,21 @@ def run_check_grads(
     last = history[-1] if history else None
     cancelled = set(biases_before_batch_norm(model))
     last_row = next((s for s in reversed(steps) if s.total_norm is not None), None)
+    # "tiny" is relative to the loss scale, as vanishing-grad is (a summed loss has
+    # gradients x batch): mean |g| below VANISHING_ABS_MEAN x the median |loss| of the
+    # last steps (1 when no finite loss was recorded)
+    tiny = VANISHING_ABS_MEAN * (loss_scale(run.evidence) or 1.0)
     return CheckGradsReport(
         **pipeline.header(
             "check-grads", options, [run], semantic_applicable=pipeline.dataset.agent_layout
         ),
         weights=frozen(weights_of(loss_fn)),
         clip=clip,
-        thresholds=frozen({"tiny_abs_mean": VANISHING_ABS_MEAN, "large_update": LARGE_UPDATE}),
+        thresholds=frozen({"tiny_abs_mean": tiny, "large_update": LARGE_UPDATE}),
         steps=steps,
         last_step=last.step if last is not None else None,
         parameters=tuple(
-            ParamRow(**_stats_fields(s), flags=param_flags(s, never, s.name in cancelled))
+            ParamRow(**_stats_fields(s), flags=param_flags(s, never, s.name in cancelled, tiny))
             for s in (last.params if last is not None else ())
         ),
         total_norm=last.total_norm if last is not None else None,
@@ -130,7 +135,10 @@ def run_check_grads(
 
 
 def param_flags(
-    stats: ParamGradStats, never_received: tuple[str, ...], bn_absorbed: bool
+    stats: ParamGradStats,
+    never_received: tuple[str, ...],
+    bn_absorbed: bool,
+    tiny: float = VANISHING_ABS_MEAN,
 ) -> tuple[str, ...]:
     """What looks wrong with one parameter at the last monitored step.
 
@@ -138,7 +146,8 @@ def param_flags(
     - ``missing``: no gradient at the last step, though it had one earlier.
     - ``non-finite``: NaN/Inf entries in the gradient.
     - ``all-zero``: every gradient entry is exactly 0.
-    - ``tiny``: mean |g| below :data:`VANISHING_ABS_MEAN` (and not all zero).
+    - ``tiny``: mean |g| below ``tiny`` (and not all zero): :data:`VANISHING_ABS_MEAN`
+      times the run's loss scale in the study, as the vanishing-grad rule reads it.
     - ``bn-absorbed``: a Linear bias directly followed by BatchNorm. The normalisation
       subtracts the batch mean, so this bias's gradient is zero up to rounding by
       construction; a note (the bias is redundant), in place of ``tiny``/``all-zero``.
@@ -159,7 +168,7 @@ def param_flags(
         flags.append("bn-absorbed")
     elif stats.zero_fraction == 1.0:
         flags.append("all-zero")
-    elif stats.abs_mean is not None and stats.abs_mean < VANISHING_ABS_MEAN:
+    elif stats.abs_mean is not None and stats.abs_mean < tiny:
         flags.append("tiny")
     if stats.update_ratio is not None:
         if stats.update_ratio == 0.0:
