@@ -514,6 +514,11 @@ def collapse_text(verdict: Verdict) -> Text:
     return plain(f"no posterior collapse ({verdict.reason})")
 
 
+def _gain_text(gain: float) -> str:
+    """The reconstruction against predicting the data mean, in words."""
+    return f"the reconstruction explains {gain:.0%} of the variance the data mean leaves"
+
+
 def latent_section(latent: LatentHealth | None, verdict: Verdict) -> Text:
     """One line: active units, KL per dimension, free bits, and the collapse verdict."""
     line = Text("latent: ")
@@ -526,6 +531,8 @@ def latent_section(latent: LatentHealth | None, verdict: Verdict) -> Text:
             f"{' '.join(num(v, 3) for v in latent.kl_per_dim)} nats, free bits "
             f"(λ={latent.free_bits_lambda:g}) {num(latent.free_bits, 3)}; "
         )
+        if latent.recon_gain is not None:
+            line.append(f"{_gain_text(latent.recon_gain)}; ")
         if latent.non_finite:
             line.append(f"{latent.non_finite} NaN/Inf entries in mu and log_var; ", "bold red")
     line.append_text(collapse_text(verdict))
@@ -1096,7 +1103,8 @@ def dx_latent_section(latent: LatentHealth, verdict: Verdict) -> Grid:
         f"active units {latent.active_units}/{latent.latent_dim} (Var μ > "
         f"{latent.active_threshold:g}); KL total {num(latent.kl_total)} nats; free bits "
         f"(λ = {latent.free_bits_lambda:g}) {num(latent.free_bits)}; low KL: < "
-        f"{latent.collapse_threshold:g} nats; ",
+        f"{latent.collapse_threshold:g} nats; "
+        + (f"{_gain_text(latent.recon_gain)}; " if latent.recon_gain is not None else ""),
         style="dim",
     )
     caption.append_text(collapse_text(verdict))
