@@ -2,12 +2,16 @@
 
     python benchmarks/bench_cli.py               # ~1 min: help x 10 runs each, debug-loss x 3
     python benchmarks/bench_cli.py --runs 20 --work-runs 5 --plot
+    python benchmarks/bench_cli.py --help-only --before --runs 15  # help rows, now and before
 
 Each measurement starts a fresh interpreter (``<python> -m meaning_transform ...``, which is
 what the ``mtx`` script runs) and reports median (min-max) wall time over the runs:
 
-- ``mtx --help`` and ``mtx <command> --help`` for every command: wall time, and whether
-  torch / matplotlib were imported (they must not be; target: median <= 0.3 s).
+- ``mtx --help`` and ``mtx <command> --help`` for every command, interleaved (each round
+  runs all five once, in a rotated order, so a burst of load hits them alike): wall time,
+  and whether torch, matplotlib, rich and pydantic were imported (none may be; target:
+  median <= 0.3 s). ``PYTHONDONTWRITEBYTECODE=1`` in the environment means the package is
+  compiled on every run (no ``.pyc``): the header says whether it is set.
 - ``mtx debug-loss --json`` with default arguments (stdout discarded): wall time, peak
   resident memory of the child (``os.wait4``), how much of the time was spent importing
   torch and the rest of the package (``-X importtime``, cumulative), and whether
@@ -36,7 +40,10 @@ from _harness import cpu_model  # noqa: E402
 COMMANDS = ("debug-loss", "debug-extended", "anneal-demo", "check-grads")
 # torch.optim's first optimizer imports torch._dynamo (torch/_compile.py), ~1 s; mtx's own
 # training loop uses meaning_transform.optim.Adam so that it does not: watched and timed.
-WATCHED = ("torch", "matplotlib", "numpy", "rich", "typer", "torch._dynamo")
+WATCHED = ("torch", "matplotlib", "numpy", "rich", "pydantic", "typer", "torch._dynamo")
+# What --help must not import: torch and matplotlib (seconds), pydantic (~0.1 s, which Typer
+# 0.29 loads to coerce option values), rich (~25 ms; the consoles are built on first use).
+HELP_FORBIDDEN = ("torch", "matplotlib", "rich", "pydantic")
 ALL = "<all top-level imports>"
 
 # Runs the CLI in-process and reports, on stderr, which watched modules were imported.
@@ -52,6 +59,16 @@ finally:
     seen = {{m: m in sys.modules for m in {WATCHED!r}}}
     print("__MODULES__" + json.dumps(seen), file=sys.stderr)
 """
+
+# The help path as it was before issue 13 (the "(before)" rows, run in the same rounds):
+# Typer's root group with its unset flags left None, so Typer coerces them through pydantic,
+# and cli.common importing secrets and diagnostics.findings at module level.
+BEFORE = (
+    "import secrets, meaning_transform.diagnostics.findings\n"
+    "from typer.core import TyperGroup\n"
+    "import meaning_transform.cli\n"
+    "meaning_transform.cli._Group.parse_args = TyperGroup.parse_args\n"
+) + WRAPPER
 
 # The floor for time and memory: what importing torch alone costs in a fresh interpreter.
 TORCH_ONLY = "import torch, sys; print('__MODULES__{}', file=sys.stderr)"
@@ -108,6 +125,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="runs per --help command")
     parser.add_argument("--work-runs", type=int, default=3, help="runs of mtx debug-loss")
     parser.add_argument("--plot", action="store_true", help="also time debug-loss --plot")
+    parser.add_argument(
+        "--before", action="store_true", help="also time the help path as before issue 13"
+    )
+    parser.add_argument("--help-only", action="store_true", help="time the --help rows only")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
 
@@ -116,22 +137,34 @@ def main() -> None:
     print(
         f"machine: cpu={cpu_model()}, cores={os.cpu_count()}, python={platform.python_version()}, "
         f"interpreter={sys.executable}, load_average_at_start="
-        f"{[round(x, 2) for x in os.getloadavg()]}"
+        f"{[round(x, 2) for x in os.getloadavg()]}, PYTHONDONTWRITEBYTECODE="
+        f"{os.environ.get('PYTHONDONTWRITEBYTECODE', '(unset)')}"
     )
     results: dict[str, object] = {}
 
-    print(f"\nhelp: {args.runs} fresh runs each; wall seconds median (min-max); target <= 0.3 s")
-    print(f"{'command':<32} {'seconds':>22}  torch  matplotlib")
+    # (label, argv, code): now and, with --before, as before issue 13, interleaved
+    help_rows = [("mtx --help", ["--help"], WRAPPER)]
+    help_rows += [(f"mtx {c} --help", [c, "--help"], WRAPPER) for c in COMMANDS]
+    if args.before:
+        help_rows += [(f"{label} (before)", argv, BEFORE) for label, argv, _ in help_rows]
+    print(
+        f"\nhelp: {args.runs} fresh runs each, interleaved; wall seconds median (min-max); "
+        "target <= 0.3 s"
+    )
     run_once(["--help"])  # warm the file cache once
-    for argv in (["--help"], *([c, "--help"] for c in COMMANDS)):
-        runs = [run_once(argv) for _ in range(args.runs)]
+    help_runs: list[list[Run]] = [[] for _ in help_rows]
+    for round_ in range(args.runs):
+        shift = round_ % len(help_rows)  # rotate the order each round
+        for i in [*range(shift, len(help_rows)), *range(shift)]:
+            help_runs[i].append(run_once(help_rows[i][1], code=help_rows[i][2]))
+    print(f"{'command':<37} {'seconds':>20}  " + "  ".join(HELP_FORBIDDEN))
+    for (label, _, _), runs in zip(help_rows, help_runs):
         secs = [r.seconds for r in runs]
-        torch_in = any(r.modules.get("torch") for r in runs)
-        mpl_in = any(r.modules.get("matplotlib") for r in runs)
-        label = "mtx " + " ".join(argv)
-        ok = "ok" if statistics.median(secs) <= 0.3 and not torch_in and not mpl_in else "MISS"
-        print(f"{label:<32} {summary(secs):>22}  {str(torch_in):<5}  {str(mpl_in):<5}  {ok}")
-        results[label] = {"seconds": secs, "torch": torch_in, "matplotlib": mpl_in}
+        imported = {m: any(r.modules.get(m) for r in runs) for m in HELP_FORBIDDEN}
+        flags = "  ".join(f"{'yes' if imported[m] else 'no':<{len(m)}}" for m in HELP_FORBIDDEN)
+        ok = statistics.median(secs) <= 0.3 and not any(imported.values())
+        print(f"{label:<37} {summary(secs):>20}  {flags}  {'ok' if ok else 'MISS'}")
+        results[label] = {"seconds": secs, **imported}
 
     def work(label: str, argv: list[str], runs: int) -> None:
         timed = [run_once(argv) for _ in range(runs)]
@@ -161,6 +194,10 @@ def main() -> None:
             "matplotlib": any(r.modules.get("matplotlib") for r in timed),
         }
 
+    if args.help_only:
+        write_json(args.json, results)
+        return
+
     floor = [run_once([], code=TORCH_ONLY) for _ in range(args.work_runs)]
     print(f"\nthe floor, a fresh interpreter that only imports torch: {args.work_runs} runs")
     print(f"  wall seconds          {summary([r.seconds for r in floor])}")
@@ -180,9 +217,13 @@ def main() -> None:
                 1,
             )
 
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.json}")
+    write_json(args.json, results)
+
+
+def write_json(path: Path | None, results: dict[str, object]) -> None:
+    if path is not None:
+        path.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

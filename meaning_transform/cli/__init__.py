@@ -6,9 +6,10 @@ Command modules import torch and the compute code inside the command body, so
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import typer
+from typer.core import TyperGroup
 
 from meaning_transform import __version__
 from meaning_transform.cli import anneal_demo, check_grads, debug_extended, debug_loss
@@ -17,8 +18,26 @@ from meaning_transform.cli.boundary import one_line, print_error, user_message
 if TYPE_CHECKING:  # the class main() looks up at run time, as this Typer vendors it
     from typer._click.exceptions import UsageError
 
+
+class _Group(TyperGroup):
+    """The root group, with its unset flags read as False rather than None.
+
+    Typer coerces every option's value through pydantic unless it is already a bool;
+    the root's ``--help``, ``--install-completion`` and ``--show-completion`` default to
+    None, so ``mtx <command> --help`` imported pydantic (~0.1 s) just to pass those
+    Nones on. False is what an unset flag means, and it needs no coercion.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        for param in self.get_params(ctx):
+            if getattr(param, "is_bool_flag", False) and param.default is None:
+                param.default = False
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
     name="mtx",
+    cls=_Group,
     help="A command-line doctor for VAE training: finds zero, NaN and vanishing loss terms "
     "and dying gradients, says why, and what to do.",
     no_args_is_help=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import math
 import os
-import secrets
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -31,7 +30,6 @@ from meaning_transform.cli.console import (  # noqa: F401 (moved; re-exported)
     console,
 )
 from meaning_transform.constants import DEVICES, REDUCTIONS, SCENARIO_NAMES  # noqa: F401
-from meaning_transform.diagnostics.findings import FAIL_ON
 
 # ---- limits on what the user may ask for (one place; the help texts quote them) ----
 
@@ -168,6 +166,7 @@ class CommonOptions:
         return self.report_format != "table" and self.output is None
 
     def validate(self) -> CommonOptions:
+        from meaning_transform.diagnostics.findings import FAIL_ON
         from meaning_transform.formats import FORMATS
 
         if self.format is not None:
@@ -340,6 +339,8 @@ def _new_temp_file(path: Path) -> Path:
     permissions, unlike ``tempfile.mkstemp``'s 0600. The name stays short, so a
     ``path`` whose own name is near the length limit still gets a temporary file.
     """
+    import secrets  # hashlib underneath: ~7 ms that --help does not need
+
     for _ in range(100):
         name = f".{path.stem[:48]}.{secrets.token_hex(4)}.tmp{path.suffix[:16]}"
         tmp = path.parent / name

@@ -48,6 +48,7 @@ from meaning_transform.diagnostics.gradients import (
 )
 from meaning_transform.diagnostics.history import EpochHistory
 from meaning_transform.diagnostics.latent import LatentHealth, measure_latent
+from meaning_transform.diagnostics.nan_guard import NanGuard, NanOrigin
 from meaning_transform.diagnostics.noise import NoiseRecorder
 from meaning_transform.diagnostics.rules import (
     RunEvidence,
@@ -346,8 +347,10 @@ class _VaeRecorder:
 _STATE_VERSION = 1
 _EVIDENCE_TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (GradientSnapshot, ParamGradStats, Attribution, EpochRecord, VaeStep, LatentHealth)
-}
+    for cls in (
+        GradientSnapshot, ParamGradStats, Attribution, EpochRecord, VaeStep, LatentHealth, NanOrigin
+    )
+}  # fmt: skip
 
 
 def _encode(value: Any) -> Any:
@@ -389,6 +392,7 @@ def _decode(value: Any) -> Any:
 _DOCTOR_STATE = (
     "attributions", "term_values", "input_non_finite", "reduction", "steps", "_epoch_start",
     "detached_terms", "unexplained", "batch_size", "step_losses", "step_batch_sizes", "latent",
+    "nan_first", "_nan_passes",
 )  # fmt: skip
 _PART_STATE: dict[str, tuple[str, ...]] = {
     "noise": ("steps", "pairs", "repeated", "probed", "dropped", "scale_steps", "_last"),
@@ -431,6 +435,12 @@ class Doctor:
             the weight applied (or declared) never came within 5% of it.
         kl_term: the name of the loss's KL term (default: the one term whose name holds
             "kl"), for the KL audit (``kl-formula``) and the β measurement.
+        nan_guard: on the first step whose data, output or loss holds a NaN or Inf, find
+            where it appeared (the data, the first module whose forward output is
+            non-finite, or the loss term; see :mod:`~meaning_transform.diagnostics.nan_guard`)
+            and, for a finite loss with a non-finite gradient, the first parameter in
+            backward; the ``nonfinite-*`` findings say where. A healthy step costs one
+            check of the loss's scalars; only the first non-finite step is re-run.
     """
 
     def __init__(
@@ -444,6 +454,7 @@ class Doctor:
         beta_schedule: Callable[[int], float] | None = None,
         beta_max: float | None = None,
         kl_term: str | None = None,
+        nan_guard: bool = True,
     ) -> None:
         if attribute_every < 0:
             raise ValueError(f"attribute_every must be >= 0, got {attribute_every}")
@@ -472,6 +483,8 @@ class Doctor:
         self.reparameterize = _ReparamTap(model)  # z for a model that returns none
         self.latent: LatentHealth | None = None  # the latest measured (findings or metrics)
         self._last_terms: dict[str, torch.Tensor] = {}  # the latest step's terms, detached
+        self.nan_guard = NanGuard(model) if nan_guard else None
+        self._nan_passes = 0  # backward passes recorded before nan_first was found
 
     # ---- lifecycle: the gradient hooks live between attach() and close() ----
     def attach(self) -> Doctor:
@@ -520,9 +533,11 @@ class Doctor:
         """
         roles = _roles_dict(output, x)
         result = _loss_dict(loss, weights)
+        bad_inputs = 0
         if x is not None:
             self.batch_size = int(x.shape[0])
-            self.input_non_finite += int((~torch.isfinite(x)).sum())
+            bad_inputs = int((~torch.isfinite(x)).sum())
+            self.input_non_finite += bad_inputs
             if not self._example_input:  # forward order of layers, for first/last ratios
                 self._example_input = True
                 self.hooks.set_example_input(x[:8])
@@ -540,6 +555,10 @@ class Doctor:
             self._flush_losses()
         if result.get("total_given") and result.get("terms"):
             self.unexplained.append(_unexplained(result))
+        if self.nan_guard is not None and self.nan_guard.first is None:
+            # last, so that its re-run of the forward cannot disturb this step's records
+            if self.nan_guard.check(self.steps, x, roles, result, bad_inputs) is not None:
+                self._nan_passes = len(self.hooks._history) + len(self.hooks._unread)
         self.steps += 1
         if self.history.due():
             self.epoch_end()
@@ -654,7 +673,24 @@ class Doctor:
             step_losses=self._losses(),
             step_batch_sizes=tuple(self.step_batch_sizes),
             vae=self.vae.evidence(),
+            nan_origin=self._nan_origin(),
         )
+
+    @property
+    def nan_first(self) -> NanOrigin | None:
+        """The guard's first data, forward or loss-term origin (None: none, or no guard)."""
+        return self.nan_guard.first if self.nan_guard is not None else None
+
+    @nan_first.setter
+    def nan_first(self, origin: NanOrigin | None) -> None:  # for load_state_dict
+        if self.nan_guard is not None:
+            self.nan_guard.first = origin
+
+    def _nan_origin(self) -> NanOrigin | None:
+        """Where the first NaN/Inf appeared (None: nowhere, or the guard is off)."""
+        if self.nan_guard is None:
+            return None
+        return self.nan_guard.origin(self.hooks.history, self._nan_passes)
 
     def _losses(self) -> tuple[float, ...]:
         self._flush_losses()

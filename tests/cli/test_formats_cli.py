@@ -13,12 +13,13 @@ import jsonschema
 import pytest
 
 from meaning_transform.cli import common
-from meaning_transform.formats import FORMATS
+from meaning_transform.formats import ABOUT, FORMATS
 from tests.test_formats import SCHEMA, parse_github
 
-# A model with a head it never calls, and a loss with a hard threshold (no gradient) and
-# a term that is always 0: no-grad-path (error), batch-dependent-weights (warning) and
-# unused-params, zero-loss (info, consequences), in 3 epochs of 4 steps.
+# A model with a head it never calls, and a loss with a hard threshold (no gradient), a KL
+# summed over the batch beside averaged terms and a term that is always 0: no-grad-path
+# (error), batch-dependent-weights (warning) and their consequences at info (unused-params,
+# zero-loss, ...), in 3 epochs of 4 steps.
 USER_CODE = """\
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class TinyVAE(nn.Module):
 
 def loss(recon_x, x, mu, log_var):
     recon = ((recon_x - x) ** 2).mean()
-    kl = -0.5 * torch.mean(torch.sum(1 + log_var - mu**2 - log_var.exp(), dim=1))
+    kl = -0.5 * torch.sum(1 + log_var - mu**2 - log_var.exp())  # summed over the batch
     hard = (recon_x > 0.5).float().mean()
     zero = 0.0 * recon
     return {"loss": recon + kl + hard + zero, "recon": recon, "kl": kl, "hard": hard, "zero": zero}
@@ -99,7 +100,7 @@ def test_github_annotations_point_at_the_model_and_the_loss(mtx, findings):
     for (_, props, message), finding in zip(commands, findings):
         assert props["title"] == f"mtx {finding['code']}: {finding['title']}"
         assert message.startswith(f"{finding['where']}: {finding['message']}")
-        line = MODEL_LINE if finding["code"] == "unused-params" else LOSS_LINE
+        line = MODEL_LINE if ABOUT[finding["code"]] == "model" else LOSS_LINE
         assert (props["file"], props["line"]) == ("models/vae.py", str(line)), finding["code"]
 
 

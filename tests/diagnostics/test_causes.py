@@ -112,3 +112,9 @@ def test_a_loss_that_went_nan_first_leads_its_gradient():
         ("nonfinite-loss", ""),
         ("nonfinite-grad", "nonfinite-loss"),
     ]
+
+
+def test_a_term_without_a_gradient_is_not_blamed_on_exploding_gradients():
+    """A hard threshold has no gradient whatever the others do: no-grad-path stays a cause."""
+    marked = mark_consequences([_f("no-grad-path", "error"), _f("exploding-grad")])
+    assert {f.code: f.consequence_of for f in marked} == {"no-grad-path": "", "exploding-grad": ""}
