@@ -267,7 +267,9 @@ def _led_by_an_earlier_fault(found: Sequence[Finding]) -> dict[str, tuple[str, s
     led: dict[str, tuple[str, str]] = {}
     for first, later, why in FIRST_LEADS:
         a, b = _first_step(found, first), _first_step(found, later)
-        if a is not None and b is not None and a < b:
+        # b is None: the later finding has no first step of its own (nonfinite-loss fired
+        # for steps skipped on a non-finite gradient while every loss value was finite)
+        if a is not None and (b is None or a < b) and any(f.code == later for f in found):
             led[later] = (first, why)
     return led
 

@@ -118,3 +118,14 @@ def test_a_term_without_a_gradient_is_not_blamed_on_exploding_gradients():
     """A hard threshold has no gradient whatever the others do: no-grad-path stays a cause."""
     marked = mark_consequences([_f("no-grad-path", "error"), _f("exploding-grad")])
     assert {f.code: f.consequence_of for f in marked} == {"no-grad-path": "", "exploding-grad": ""}
+
+
+def test_steps_skipped_on_a_nan_gradient_follow_the_gradient():
+    """The built-in loop skips a step whose gradient is NaN: nonfinite-loss fires with every
+    loss value finite (no first step of its own), and the gradient leads."""
+    loss = Finding("nonfinite-loss", "error", "l", "l", "l", "run", {"first_step": None})
+    marked = mark_consequences([loss, _at("nonfinite-grad", 0)])
+    assert [(f.code, f.consequence_of) for f in marked] == [
+        ("nonfinite-grad", ""),
+        ("nonfinite-loss", "nonfinite-grad"),
+    ]
