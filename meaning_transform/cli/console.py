@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO, cast
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -34,6 +34,76 @@ def stdout_width() -> int | None:
     return PIPED_WIDTH
 
 
+# Piped output is plain ASCII, one character for one, so that a line's bytes, its
+# characters and its width on any terminal agree (box drawing, double bars and Greek
+# letters are one column wide but two or three bytes, and East Asian terminals draw
+# them two columns wide). Rich lays the tables out with the originals; each becomes one
+# ASCII character, so nothing moves. Characters not listed (user text) pass unchanged.
+ASCII_FOR: dict[int, str] = str.maketrans(
+    {
+        **dict.fromkeys("─━═╌┄", "-"),
+        **dict.fromkeys("│┃║‖", "|"),
+        **dict.fromkeys("┌┐└┘├┤┬┴┼╭╮╰╯┏┓┗┛┣┫┳┻╋╔╗╚╝╠╣╦╩╬", "+"),
+        "→": ">",
+        "←": "<",
+        "↑": "^",
+        "↓": "v",
+        "·": ".",
+        "•": "*",
+        "×": "x",
+        "−": "-",
+        "–": "-",
+        "—": "-",
+        "≤": "<",
+        "≥": ">",
+        "≈": "~",
+        "…": ".",
+        "±": "~",
+        "²": "2",
+        "½": "h",
+        "Δ": "d",
+        "μ": "u",
+        "λ": "l",
+        "β": "b",
+        "σ": "s",
+        "ε": "e",
+        "θ": "t",
+        "∇": "g",
+        "Σ": "S",
+        "⋮": ":",
+        "▁": "_",
+        "▂": ".",
+        "▃": ",",
+        "▄": "-",
+        "▅": "=",
+        "▆": "+",
+        "▇": "*",
+        "█": "#",
+    }
+)
+
+
+class _AsciiStream:
+    """A text stream that writes :data:`ASCII_FOR` translations to the one it wraps."""
+
+    encoding = "utf-8"  # Rich lays out with the original characters; write() swaps them
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(text.translate(ASCII_FOR))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> object:  # fileno, getvalue, ...: the stream's own
+        return getattr(self._stream, name)
+
+
 def console(stderr: bool = False) -> Console:
     """A Rich console on stdout (or stderr), laid out for the width it prints to now.
 
@@ -46,4 +116,8 @@ def console(stderr: bool = False) -> Console:
 
     if stderr:
         return Console(stderr=True, highlight=False)
-    return Console(highlight=False, width=stdout_width())
+    isatty = getattr(sys.stdout, "isatty", None)
+    if isatty is not None and isatty():
+        return Console(highlight=False, width=stdout_width())
+    ascii_out = cast("TextIO", _AsciiStream(sys.stdout))  # write/flush/isatty, the rest passed on
+    return Console(highlight=False, width=stdout_width(), file=ascii_out)

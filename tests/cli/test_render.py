@@ -579,6 +579,21 @@ def test_cli_at_80_columns_piped_cuts_nothing(cli, command):
 
 
 @pytest.mark.parametrize("command", list(CLI_RUNS))
+def test_cli_piped_is_ascii_so_bytes_and_columns_agree(cli, command):
+    """Box drawing, ‖ and Greek letters are one column but two or three bytes (and two
+    columns on East Asian terminals): piped, each is one ASCII character instead."""
+    text = cli(command, "80")
+    assert text.isascii(), sorted({c for c in text if not c.isascii()})
+    assert max(len(line.encode()) for line in text.splitlines()) <= 80
+
+
+def test_the_ascii_map_is_one_character_for_one():
+    from meaning_transform.cli.console import ASCII_FOR
+
+    assert all(len(chr(k)) == 1 and len(v) == 1 and v.isascii() for k, v in ASCII_FOR.items())
+
+
+@pytest.mark.parametrize("command", list(CLI_RUNS))
 def test_cli_piped_without_columns_is_120_wide_and_colourless(cli, command):
     text = cli(command, "piped-no-color")
     assert "\x1b" not in text
@@ -642,4 +657,4 @@ def test_a_data_path_with_markup_is_printed_literally(tmp_path):
         app, ["check-grads", "--epochs", "1", "--data", str(path)], env={"COLUMNS": "200"}
     )
     assert result.exit_code in (0, 1), result.output
-    assert f"data {path} (64×10)" in result.stdout
+    assert f"data {path} (64x10)" in result.stdout  # piped: ASCII
