@@ -1094,10 +1094,6 @@ PER_TERM_CODES: tuple[str, ...] = (
 def not_checked(ev: RunEvidence) -> list[NotChecked]:
     """The rules whose evidence this run could not give, each with the reason."""
     out: list[NotChecked] = []
-    if _beta_changes(ev):
-        from meaning_transform.diagnostics.vae_checks import TOTAL_TREND_CODES, WHILE_BETA_CHANGES
-
-        out.extend(NotChecked(code, WHILE_BETA_CHANGES) for code in TOTAL_TREND_CODES)
     collapse = collapse_verdict(ev)
     if collapse.status == "not-judged":
         out.append(NotChecked(collapse.code, collapse.reason))
@@ -1179,6 +1175,11 @@ def not_checked(ev: RunEvidence) -> list[NotChecked]:
                 "loss-oscillation", f"needs {OSCILLATION_MIN_EPOCHS} epochs, this run had {epochs}"
             )
         )
+    if _beta_changes(ev):  # the trend rules are set aside, for this reason alone
+        from meaning_transform.diagnostics.vae_checks import TOTAL_TREND_CODES, WHILE_BETA_CHANGES
+
+        out = [c for c in out if c.code not in TOTAL_TREND_CODES]
+        out.extend(NotChecked(code, WHILE_BETA_CHANGES) for code in TOTAL_TREND_CODES)
     return out
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from meaning_transform.diagnostics.findings import NotChecked
+from meaning_transform.diagnostics.vae_checks import TOTAL_TREND_CODES, WHILE_BETA_CHANGES
 from meaning_transform.scenarios import Scenario
 from meaning_transform.studies.pipeline import (
-    TOTAL_TREND_CODES,
-    WHILE_BETA_CHANGES,
     Pipeline,
     epoch_row,
     steps_per_epoch,

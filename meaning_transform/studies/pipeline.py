@@ -35,16 +35,13 @@ from meaning_transform.diagnostics.rules import (
     not_checked,
 )
 from meaning_transform.diagnostics.thresholds import ZERO_VALUE
-from meaning_transform.diagnostics.vae_checks import beta_varies, vae_not_checked
+from meaning_transform.diagnostics.vae_checks import vae_not_checked
 from meaning_transform.scenarios import Scenario
 from meaning_transform.studies.report import ComponentRow, Diagnosis, EpochRow, RunConfig, frozen
 from meaning_transform.studies.setup import Dataset, ModelFactory, build_loss, default_model
 from meaning_transform.training import EpochRecord, TrainConfig, TrainResult, loss_weights, train
 
 ATTRIBUTIONS_PER_RUN = 20  # per-term gradients cost one backward per term: sample steps
-# Rules that judge the trend of the total. While β changes, the total is a different
-# objective each epoch (it rises as β rises), so these would raise false alarms.
-from meaning_transform.diagnostics.vae_checks import TOTAL_TREND_CODES, WHILE_BETA_CHANGES  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -185,11 +182,9 @@ class Pipeline:
     ) -> Diagnosed:
         """Findings, checks that could not run, and the typed diagnosis of one run.
 
-        When the loss itself reports a KL weight that changes during the run, the rules
-        on the trend of the total are set aside as anneal-demo sets them aside.
+        (A KL weight that changes during the run sets the rules on the trend of the total
+        aside in the rules themselves: see ``vae_checks.beta_varies``.)
         """
-        if not not_applicable and beta_varies(evidence.vae):
-            not_applicable, because = TOTAL_TREND_CODES, WHILE_BETA_CHANGES
         skipped = set(not_applicable)
         # rules set aside do not run at all, so they mark nothing as their consequence
         rules = [r for r in RULES if r.__name__.replace("_", "-") not in skipped]
