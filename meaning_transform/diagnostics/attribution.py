@@ -74,6 +74,9 @@ class Attribution:
     zero_gradient: tuple[str, ...]
     detached: tuple[str, ...]
     conflicts: tuple[tuple[str, str], ...]  # pairs with cosine < 0 (PCGrad)
+    # the term whose gradient was the total's minus the others' (see begin_attribution),
+    # None when every term had its own backward pass
+    derived: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         """Plain, JSON-friendly data (tuples become lists)."""
@@ -285,6 +288,199 @@ def term_attribution(
         >>> att = term_attribution(terms, {"recon": 1.0, "kl": beta}, model, write_grad=True)
         >>> optimizer.step()  # uses the gradient attribution wrote
     """
+    names, total_names, w = _check_terms(terms, weights, method, total_of)
+
+    named = _named_params(params)
+    plist = [p for _, p in named]
+    connected = [i for i, n in enumerate(names) if terms[n].requires_grad]
+    per_term, used, fallback_reason = _term_grads(
+        terms, names, connected, plist, method, retain_graph
+    )
+    attribution = _attribution(
+        names, w, total_names, connected, per_term, plist, used, fallback_reason, None
+    )
+    if write_grad and connected:
+        total_w = [w[names[i]] if names[i] in total_names else 0.0 for i in connected]
+        with torch.no_grad():
+            _write_total_grad(per_term, plist, total_w)
+    return attribution
+
+
+@dataclass
+class PendingAttribution:
+    """Every term's gradient but one, waiting for the total's (see :func:`begin_attribution`)."""
+
+    names: tuple[str, ...]
+    weights: dict[str, float]
+    total_of: tuple[str, ...]
+    connected: list[int]  # term indices with a graph, in the order of ``per_term``
+    derived: int  # index into ``connected`` of the term still to come (-1: none)
+    per_term: PerTerm  # its row is empty until complete_attribution fills it
+    params: list[Tensor]
+    before: list[Tensor | None]  # each .grad before the backward (None: there was none)
+    method: Method
+    fallback_reason: str | None
+
+
+def begin_attribution(
+    terms: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    params: nn.Module | Iterable[tuple[str, Tensor]],
+    derive: str | None,
+    method: Method = "loop",
+    total_of: tuple[str, ...] | None = None,
+) -> PendingAttribution:
+    """Start an attribution whose ``derive`` term comes from the total's own backward.
+
+    With K terms, K - 1 get a backward pass here (each only through the part of the
+    network it reaches: autograd runs no node that does not lead to the term, so the KL
+    term's pass never enters the decoder); the graph is kept for the training step's own
+    ``total.backward()``. Once that backward has written the total's gradient g, hand every
+    parameter's ``.grad`` to :func:`complete_attribution`, which takes the last term by
+    linearity: g_d = (g - sum over the others of w_i g_i) / w_d. That holds only when the
+    backward is of sum over ``total_of`` of w_i * term_i and nothing else: check it first
+    with ``derive=None`` (every term gets its own pass; :func:`complete_attribution` then
+    returns the relative residual of that identity), as the Doctor does.
+
+    ``derive`` must be in the total with a nonzero weight and reach every parameter the
+    total reaches (else the rounding left over where it does not would be read as its
+    gradient); choose the term whose backward costs most (it reaches the most), the largest.
+    """
+    names, total_names, w = _check_terms(terms, weights, method, total_of)
+    if derive is not None and (derive not in total_names or w[derive] == 0.0):
+        raise ValueError(f"derive must name a term of the total with a nonzero weight: {derive!r}")
+    named = _named_params(params)
+    plist = [p for _, p in named]
+    connected = [i for i, n in enumerate(names) if terms[n].requires_grad]
+    derived = names.index(derive) if derive is not None else -1
+    if derived >= 0 and derived not in connected:
+        raise ValueError(f"the term to derive has no graph: {derive!r}")
+    own = [i for i in connected if i != derived]
+    before = [None if p.grad is None else p.grad.detach().clone() for p in plist]
+    per_term, used, reason = _term_grads(terms, names, own, plist, method, retain_graph=True)
+    if derived >= 0:
+        per_term.insert(connected.index(derived), [])
+    return PendingAttribution(
+        names=names,
+        weights=w,
+        total_of=total_names,
+        connected=connected,
+        derived=connected.index(derived) if derived >= 0 else -1,
+        per_term=per_term,
+        params=plist,
+        before=before,
+        method=used,
+        fallback_reason=reason,
+    )
+
+
+@torch.no_grad()
+def complete_attribution(
+    pending: PendingAttribution, grads: Sequence[Tensor | None] | None
+) -> tuple[Attribution, float]:
+    """The attribution, from ``pending`` and every parameter's ``.grad`` after the total's
+    backward (in ``pending.params`` order), and the relative residual
+    ||g - sum w_i g_i|| / ||g|| of the terms' weighted sum against the total's gradient g
+    (measured with every term's own gradient; NaN for a derived term, whose gradient is
+    that difference). A derived gradient within float32 rounding of zero
+    (:data:`DERIVED_ZERO` of the largest contribution) is reported as exactly zero.
+    ``grads=None``: no backward of the total came; only an attribution with every term's
+    own gradient can be completed then (residual NaN), one with a derived term raises.
+    """
+    names, w = pending.names, pending.weights
+    if grads is None:
+        if pending.derived >= 0:
+            raise ValueError("a derived term needs the total's gradient: pass grads")
+        attribution = _attribution(
+            names, w, pending.total_of, pending.connected, pending.per_term, pending.params,
+            pending.method, pending.fallback_reason, None,
+        )  # fmt: skip
+        return attribution, math.nan
+    if len(grads) != len(pending.params):
+        raise ValueError(f"expected {len(pending.params)} gradients, got {len(grads)}")
+    weights = [w[names[i]] if names[i] in pending.total_of else 0.0 for i in pending.connected]
+    totals = [g if b is None or g is None else g - b for g, b in zip(grads, pending.before)]
+    if pending.derived < 0:
+        sums = _weighted_sums(pending.per_term, weights, len(pending.params), skip=-1)
+        diff = [
+            (t if s is None else t - s) if t is not None else s
+            for t, s in zip(totals, sums, strict=True)
+        ]
+        attribution = _attribution(
+            names, w, pending.total_of, pending.connected, pending.per_term, pending.params,
+            pending.method, pending.fallback_reason, None,
+        )  # fmt: skip
+        return attribution, _relative(diff, totals)
+    d, wd = pending.derived, weights[pending.derived]
+    derived: list[Tensor | None] = []
+    for j, t in enumerate(totals):  # g_d = (g - sum over the others of w_i g_i) / w_d
+        parts: list[tuple[Tensor, float]] = []
+        for i, (row, wi) in enumerate(zip(pending.per_term, weights, strict=True)):
+            g = row[j] if i != d else None
+            if g is not None and wi != 0.0:
+                parts.append((g, wi))
+        if t is None and not parts:
+            derived.append(None)
+            continue
+        out = torch.zeros_like(parts[0][0]) if t is None else t.clone()
+        for g, wi in parts:
+            out.sub_(g, alpha=wi)
+        derived.append(out.div_(wd))
+    per_term = list(pending.per_term)
+    per_term[d] = derived
+    name = names[pending.connected[d]]
+    attribution = _attribution(
+        names, w, pending.total_of, pending.connected, per_term, pending.params,
+        pending.method, pending.fallback_reason, name,
+    )  # fmt: skip
+    largest = max([attribution.total_norm, *attribution.weighted_norm.values()])
+    if 0.0 < attribution.weighted_norm[name] <= DERIVED_ZERO * largest:
+        per_term[d] = [None if g is None else torch.zeros_like(g) for g in derived]
+        attribution = _attribution(
+            names, w, pending.total_of, pending.connected, per_term, pending.params,
+            pending.method, pending.fallback_reason, name,
+        )  # fmt: skip
+    return attribution, math.nan
+
+
+# float32 rounding of a sum of K gradients: ~K * 6e-8 of the largest one, elementwise; a
+# derived gradient this small next to the largest contribution is no gradient at all
+DERIVED_ZERO = 1e-5
+
+
+def _weighted_sums(
+    per_term: PerTerm, weights: list[float], n_params: int, skip: int
+) -> list[Tensor | None]:
+    """Per parameter: sum over the terms (but ``skip``) of w_i g_i (None: none reaches it)."""
+    out: list[Tensor | None] = [None] * n_params
+    for i, (grads, wi) in enumerate(zip(per_term, weights, strict=True)):
+        if i == skip or wi == 0.0:
+            continue
+        for j, g in enumerate(grads):
+            if g is not None:
+                out[j] = g * wi if out[j] is None else out[j].add_(g, alpha=wi)  # type: ignore[union-attr]
+    return out
+
+
+def _norm_of(grads: Sequence[Tensor | None]) -> float:
+    present = [g for g in grads if g is not None]
+    if not present:
+        return 0.0
+    return float(torch.stack(torch._foreach_norm(present)).double().norm())
+
+
+def _relative(diff: Sequence[Tensor | None], totals: Sequence[Tensor | None]) -> float:
+    total = _norm_of(totals)
+    return _norm_of(diff) / total if total > 0 else (0.0 if _norm_of(diff) == 0 else math.inf)
+
+
+def _check_terms(
+    terms: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    method: str,
+    total_of: tuple[str, ...] | None,
+) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, float]]:
+    """The term names, the names in the total, and every term's weight; raises on bad input."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     names = tuple(terms)
@@ -300,38 +496,60 @@ def term_attribution(
     unweighted = [n for n in total_names if n not in weights]
     if unweighted:
         raise ValueError(f"missing weights for terms in the total: {', '.join(unweighted)}")
-    w = {n: float(weights.get(n, 1.0)) for n in names}
+    return names, total_names, {n: float(weights.get(n, 1.0)) for n in names}
 
-    named = _named_params(params)
-    plist = [p for _, p in named]
-    connected = [i for i, n in enumerate(names) if terms[n].requires_grad]
-    k, kc = len(names), len(connected)
-    device = plist[0].device
-    acc = _acc_dtype(device)
 
+def _term_grads(
+    terms: Mapping[str, Tensor],
+    names: tuple[str, ...],
+    connected: list[int],
+    plist: list[Tensor],
+    method: Method,
+    retain_graph: bool,
+) -> tuple[PerTerm, Method, str | None]:
+    """The gradients of the ``connected`` terms (in that order), the method that ran, and
+    why "batched" fell back to "loop" (None if it did not)."""
     per_term: PerTerm = []
     used: Method = method
     fallback_reason = None
-    if kc:
-        live = [terms[names[i]] for i in connected]
-        dtype = torch.promote_types(live[0].dtype, torch.float32)
-        for t in live[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
-        live = [t.to(dtype) for t in live]
-        if method == "batched":
-            try:
-                per_term = _batched_grads(live, plist)
-            except RuntimeError as err:  # an op without a vmap batching rule
-                used = "loop"
-                fallback_reason = str(err).strip().splitlines()[0] if str(err) else repr(err)
-        if used == "loop":
-            per_term = _loop_grads(live, plist, retain_graph)
+    if not connected:
+        return per_term, used, fallback_reason
+    live = [terms[names[i]] for i in connected]
+    dtype = torch.promote_types(live[0].dtype, torch.float32)
+    for t in live[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    live = [t.to(dtype) for t in live]
+    if method == "batched":
+        try:
+            per_term = _batched_grads(live, plist)
+        except RuntimeError as err:  # an op without a vmap batching rule
+            used = "loop"
+            fallback_reason = str(err).strip().splitlines()[0] if str(err) else repr(err)
+    if used == "loop":
+        per_term = _loop_grads(live, plist, retain_graph)
+    return per_term, used, fallback_reason
 
+
+def _attribution(
+    names: tuple[str, ...],
+    w: dict[str, float],
+    total_names: tuple[str, ...],
+    connected: list[int],
+    per_term: PerTerm,
+    plist: list[Tensor],
+    used: Method,
+    fallback_reason: str | None,
+    derived: str | None,
+) -> Attribution:
+    """Norms, shares and cosines from the connected terms' gradients: one host copy."""
+    k = len(names)
+    device = plist[0].device
+    acc = _acc_dtype(device)
     # Gram matrix of the connected terms' gradients, accumulated parameter by parameter.
     with torch.no_grad():
         gram_c = _gram(per_term, device, acc)  # (kc, kc)
     gram = torch.zeros(k, k, dtype=acc, device=device)  # (k, k); detached rows stay 0
-    if kc:
+    if connected:
         index = torch.tensor(connected, device=device)
         gram[index.unsqueeze(1), index.unsqueeze(0)] = gram_c
 
@@ -347,11 +565,6 @@ def term_attribution(
     cosine.diagonal().copy_((norms > 0).to(acc))  # exactly 1 (or 0), not 1 - 2e-16
     packed = torch.cat([norms, share, cosine.flatten(), total_sq.clamp(min=0).sqrt().reshape(1)])
     host = packed.cpu().tolist()  # the one host copy
-
-    if write_grad and kc:
-        total_w = [w[names[i]] if names[i] in total_names else 0.0 for i in connected]
-        with torch.no_grad():
-            _write_total_grad(per_term, plist, total_w)
 
     norm_h = dict(zip(names, host[:k], strict=True))
     cos_flat = host[2 * k : 2 * k + k * k]
@@ -372,6 +585,7 @@ def term_attribution(
         conflicts=tuple(
             (a, b) for i, a in enumerate(names) for b in names[i + 1 :] if cos_h[a][b] < 0.0
         ),
+        derived=derived,
     )
 
 

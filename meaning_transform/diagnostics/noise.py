@@ -17,9 +17,9 @@ A VAE samples ``z = mu + sigma * eps`` with ``sigma = exp(0.5 * log_var)`` and f
   used and 0 when sigma is left out. Where ``log_var`` barely varies the slope cannot be
   measured and the exponent stays unjudged (``exponent_se`` says how well it was seen).
 
-Per step the moments are reduced on the device and copied to the host once, together
-with the noise fingerprint; they are pooled over all steps with Chan et al.'s update,
-so memory does not grow with the run.
+Steps are measured in groups of :data:`FLUSH_EVERY`: their moments are reduced on the
+device and copied to the host once, together with each step's noise fingerprint; groups
+are pooled with Chan et al.'s update, so memory does not grow with the run.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ NOISE_MIN_COMPARED = 4  # recovered entries two steps must share to be compared
 # recovered to ~6e-4 (below NOISE_SAME); below it z == mu in rounding and eps is lost
 RESOLVABLE = 1e-4
 _COLUMNS = 3  # pooled per entry: eps, log_var, log(eps**2)
+# steps measured together: the per-step cost is then a few list appends, and the ~25
+# small tensor ops of a measurement are paid once per this many steps
+FLUSH_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -107,37 +110,71 @@ class NoiseRecorder:
         self.scale_steps = 0
         self._last: dict[tuple[int, ...], Tensor] = {}  # batch shape -> last fingerprint
         self._moments = _PooledMoments(_COLUMNS)
+        # steps waiting for flush(): (batch shape, z, mu, log_var), detached
+        self._pending: list[tuple[tuple[int, ...], Tensor, Tensor, Tensor]] = []
+        self.last_recovered = False  # the latest flushed step had eps recovered
 
     def record(self, mu: Tensor, log_var: Tensor, z: Tensor | None) -> bool:
-        """One training step's noise; False when ``z`` is missing or not ``mu``'s shape."""
+        """One training step's noise; False when ``z`` is missing or not ``mu``'s shape.
+
+        The step waits (detached) with up to :data:`FLUSH_EVERY` others and is measured
+        with them in one go (:meth:`flush`): the same numbers, a fraction of the ops.
+        """
         self.steps += 1
         if z is None or not z.shape == mu.shape == log_var.shape or z.numel() == 0:
             return False
-        z, mu, log_var = z.detach(), mu.detach(), log_var.detach()
-        dtype = torch.promote_types(z.dtype, torch.float32)
-        lv = log_var.to(dtype).flatten()  # (B*Z,)
-        sigma = torch.exp(0.5 * lv)  # (B*Z,)
-        eps = ((z.to(dtype) - mu.to(dtype)).flatten() / sigma).flatten()
+        self._pending.append((tuple(z.shape), z.detach(), mu.detach(), log_var.detach()))
+        if len(self._pending) >= FLUSH_EVERY:
+            self.flush()
+        return True
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Measure the waiting steps: their entries pooled as one group, one host copy."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        dtype = torch.float32
+        for _, z, _, _ in pending:
+            dtype = torch.promote_types(dtype, z.dtype)
+        z = torch.cat([t[1].to(dtype).flatten() for t in pending])  # (N,) every step's entries
+        mu = torch.cat([t[2].to(dtype).flatten() for t in pending])
+        lv = torch.cat([t[3].to(dtype).flatten() for t in pending])
+        sizes = [t[1].numel() for t in pending]
+        sigma = torch.exp(0.5 * lv)
+        eps = (z - mu) / sigma
         # eps is recoverable only where sigma is not lost in the rounding of mu + sigma*eps
         # (sigma < RESOLVABLE * |mu|: z == mu to the last bit, eps reads 0 every step)
-        resolvable = sigma > RESOLVABLE * mu.to(dtype).flatten().abs()
-        ok = torch.isfinite(eps) & torch.isfinite(lv) & (eps != 0) & resolvable  # (B*Z,)
+        resolvable = sigma > RESOLVABLE * mu.abs()
+        ok = torch.isfinite(eps) & torch.isfinite(lv) & (eps != 0) & resolvable  # (N,)
         log_sq = 2 * torch.log(eps.abs())  # log(eps**2); -inf at 0, masked out by `ok`
-        cols = torch.stack([eps, lv, log_sq], 1)  # (B*Z, 3)
+        cols = torch.stack([eps, lv, log_sq], 1)  # (N, 3)
         cols = torch.where(ok[:, None], cols, torch.zeros_like(cols))
         n = ok.sum()
         mean = cols.sum(0) / n.clamp(min=1)  # (3,)
         centred = torch.where(ok[:, None], cols - mean, torch.zeros_like(cols))
         m2 = centred.T @ centred  # (3, 3)
-        fingerprint = torch.where(ok, eps, torch.full_like(eps, math.nan))[:NOISE_PROBE]
-        host = torch.cat([n[None].to(dtype), mean, m2.flatten(), fingerprint]).cpu()  # one copy
-        host = host.to(torch.float64)
-        count = float(host[0])
-        self.dropped += eps.numel() - int(count)
-        self._moments.add(count, host[1:4], host[4:13].view(3, 3))
-        self.scale_steps += count > 0
-        self._compare(tuple(z.shape), host[13:])
-        return True
+        counts = torch.stack([part.sum() for part in ok.split(sizes)])  # (S,)
+        # each step's first NOISE_PROBE entries, NaN where eps was not recovered or absent
+        starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)  # (S,)
+        index = starts[:, None] + torch.arange(NOISE_PROBE)  # (S, NOISE_PROBE)
+        inside = torch.arange(NOISE_PROBE)[None, :] < torch.tensor(sizes)[:, None]
+        index = torch.where(inside, index, torch.zeros_like(index)).to(eps.device)
+        marked = torch.where(ok, eps, torch.full_like(eps, math.nan))
+        prints = torch.where(inside.to(eps.device), marked[index], math.nan)  # (S, PROBE)
+        host = torch.cat([n[None].to(dtype), mean, m2.flatten(), counts.to(dtype)])
+        host = torch.cat([host, prints.flatten()]).cpu().to(torch.float64)  # one copy
+        steps = len(pending)
+        self._moments.add(float(host[0]), host[1:4], host[4:13].view(3, 3))
+        step_counts = host[13 : 13 + steps].tolist()
+        fingerprints = host[13 + steps :].view(steps, NOISE_PROBE)
+        for (shape, *_), size, count, fingerprint in zip(
+            pending, sizes, step_counts, fingerprints, strict=True
+        ):
+            self.dropped += size - int(count)
+            self.scale_steps += count > 0
+            self._compare(shape, fingerprint)
+        self.last_recovered = step_counts[-1] > 0
 
     def probe_due(self) -> bool:
         """Probe on the 1st, 2nd, 3rd, 5th, 9th, 17th ... step: few, spread over the run."""
@@ -173,11 +210,13 @@ class NoiseRecorder:
         self.repeated += float((fingerprint[both] - last[both]).abs().median()) <= NOISE_SAME
 
     def repeats(self) -> NoiseRepeats | None:
+        self.flush()
         if self.pairs == 0:
             return None
         return NoiseRepeats(self.pairs, self.repeated, self.probed)
 
     def scale(self) -> NoiseScale | None:
+        self.flush()
         pooled = self._moments
         if self.scale_steps == 0:
             return None

@@ -693,9 +693,10 @@ def vanishing_grad(ev: RunEvidence) -> list[Finding]:
     """Gradients tiny next to the loss they come from (DeepDiagnosis's mean |g| and
     AUTOTRAINER's first layer, both divided by the loss scale), or a first layer that
     gets 1000x less gradient than the last (AUTOTRAINER)."""
-    if not ev.snapshots:
+    # the latest snapshot with mean |g| (the Doctor measures it on its schedule's steps)
+    last = next((s for s in reversed(ev.snapshots) if s.detail == "full"), None)
+    if last is None:
         return []
-    last = ev.snapshots[-1]
     grads = [p for p in last.params if p.has_grad and p.abs_mean is not None]
     numel = sum(p.numel for p in grads)
     if not grads or numel == 0:

@@ -72,7 +72,9 @@ class DoctorCallback(Callback):
         model_attr: the attribute of the ``LightningModule`` holding the VAE whose forward
             ``training_step`` calls (default: the module itself).
         where: the name findings are reported under.
-        attribute_every: per-term gradient attribution every k steps (0 = never).
+        attribute_every: per-term gradient attribution on the Doctor's schedule
+            (``"auto"``: steps 0, 1, 2, each power of two, every 256th) or every k steps
+            (0 = never); ``doctor_kwargs`` may hold ``schedule=``.
         weights: the weights of named terms that the total weighs (others count 1).
         reduction: ``"sum"`` or ``"mean"`` per term, when known.
         data: inputs to measure latent health and dead units on at the end.
@@ -93,7 +95,7 @@ class DoctorCallback(Callback):
         self,
         model_attr: str | None = None,
         where: str = "run",
-        attribute_every: int = 1,
+        attribute_every: int | Literal["auto"] = "auto",
         weights: Mapping[str, float] | None = None,
         reduction: Mapping[str, str] | None = None,
         data: torch.Tensor | None = None,

@@ -34,6 +34,7 @@ from meaning_transform.diagnostics.rules import (
     evaluate,
     not_checked,
 )
+from meaning_transform.diagnostics.schedule import EVERY_STEP
 from meaning_transform.diagnostics.thresholds import ZERO_VALUE
 from meaning_transform.diagnostics.vae_checks import vae_not_checked
 from meaning_transform.scenarios import Scenario
@@ -158,6 +159,7 @@ class Pipeline:
             model,
             where=where,
             attribute_every=max(1, steps // ATTRIBUTIONS_PER_RUN),
+            schedule=EVERY_STEP,  # a diagnostic run: every gradient statistic, every step
             beta_schedule=beta_schedule,
             beta_max=beta_max,
         )

@@ -1,0 +1,43 @@
+"""Which steps the Doctor looks at closely.
+
+Every step the Doctor records what is cheap: the loss and its terms, the KL and the β
+applied, every parameter's gradient norm (so a NaN/Inf gradient or a spike is seen at the
+step it happens, and the NaN guard can name the parameter), the NaN guard's check. On the
+steps of its :class:`Schedule` it also takes the full gradient statistics (mean |g|,
+spread, zero fraction, weight norms), the reparameterisation noise and the per-term
+gradient attribution, which cost 0.1-0.8 of a training step each time (README, "What the
+Doctor costs"). The default schedule looks at the first steps, where most faults show,
+then ever more sparsely: steps 0, 1, 2, 4, 8, ..., 2^k, and every 256th step, so that a
+200-step run gets 9 full steps, a 10 000-step run 53, and a fault that appears late is
+still seen within 256 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The steps (0-based, one per :meth:`Doctor.step` call) that get the full evidence:
+    each of the first ``dense``, each power of two, and each multiple of ``every``
+    (0: none). ``Schedule(every=1)`` is every step."""
+
+    dense: int = 3
+    every: int = 256
+
+    def __post_init__(self) -> None:
+        if self.dense < 0 or self.every < 0:
+            raise ValueError(f"dense and every must be >= 0, got {self.dense} and {self.every}")
+
+    def __call__(self, step: int) -> bool:
+        if step < self.dense or (step > 0 and step & (step - 1) == 0):
+            return True
+        return self.every > 0 and step % self.every == 0
+
+    def count(self, steps: int) -> int:
+        """How many of steps 0 .. steps - 1 are on the schedule."""
+        return sum(1 for step in range(steps) if self(step))
+
+
+EVERY_STEP = Schedule(every=1)  # the commands' own runs: everything, every step
