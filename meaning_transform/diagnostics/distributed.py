@@ -351,6 +351,13 @@ class RankMonitor:
         shuffle_expected: the sampler is meant to reshuffle every epoch
             (``DistributedSampler(shuffle=True)``); only then is a repeated batch order
             reported (``rank-data-repeats``): the monitor cannot see the sampler.
+        gather_after_backward: call :meth:`after_backward` by itself at the end of each
+            backward, after DDP has written the all-reduced gradients (a callback queued
+            on the autograd engine behind DDP's own), so a loop that only calls
+            :meth:`before_backward` (the Doctor's ``step``) needs nothing else. A step
+            whose backward reached no parameter is gathered at the next
+            :meth:`before_backward` instead: every rank still gathers once per step, in
+            step order.
 
     Call :meth:`attach`, then per step :meth:`before_backward`, backward,
     :meth:`after_backward`; :meth:`epoch_end` after each epoch; :meth:`close` at the end.
@@ -361,7 +368,10 @@ class RankMonitor:
         model: nn.Module,
         group: Any = None,
         shuffle_expected: bool = False,
+        gather_after_backward: bool = False,
     ) -> None:
+        self.gather_after_backward = gather_after_backward
+        self._gather_queued = False
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         if not isinstance(inner, nn.Module):
             raise TypeError(f"expected an nn.Module or DDP module, got {type(model).__name__}")
@@ -421,8 +431,19 @@ class RankMonitor:
             if self._arrival[i] < 0:
                 self._arrival[i] = self._arrivals
                 self._arrivals += 1
+            if self.gather_after_backward and not self._gather_queued and self._pending:
+                self._gather_queued = True
+                # DDP queues its finalize (which writes the averaged .grad) later in this
+                # backward; a callback queued from a callback runs after every queued one
+                engine = torch.autograd.Variable._execution_engine
+                engine.queue_callback(lambda: engine.queue_callback(self._gather_queued_step))
 
         return hook
+
+    def _gather_queued_step(self) -> None:
+        self._gather_queued = False
+        if self._pending is not None:
+            self.after_backward()
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         self._snapshot = self._fingerprints(with_buffers=True)
@@ -461,6 +482,8 @@ class RankMonitor:
         """
         if not self._handles:
             raise RuntimeError("RankMonitor.before_backward() before attach()")
+        if self._pending is not None and self.gather_after_backward:
+            self.after_backward()  # the last step's backward reached no parameter
         if self.term_names is None:
             self.term_names = tuple(terms)
         d = self._device

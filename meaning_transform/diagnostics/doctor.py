@@ -42,7 +42,13 @@ from meaning_transform.diagnostics.attribution import (
     summarise_attributions,
     term_attribution,
 )
-from meaning_transform.diagnostics.findings import Finding, NotChecked
+from meaning_transform.diagnostics.distributed import (
+    RankEvidence,
+    RankMonitor,
+    rank_findings,
+    rank_not_checked,
+)
+from meaning_transform.diagnostics.findings import Finding, NotChecked, sort_findings
 from meaning_transform.diagnostics.gradients import (
     GradientHooks,
     GradientSnapshot,
@@ -486,6 +492,14 @@ class Doctor:
             and, for a finite loss with a non-finite gradient, the first parameter in
             backward; the ``nonfinite-*`` findings say where. A healthy step costs one
             check of the loss's scalars; only the first non-finite step is re-run.
+        distributed: in a ``torch.distributed`` run, also check the ranks against each
+            other (:class:`~meaning_transform.diagnostics.distributed.RankMonitor`: a NaN
+            on some ranks only, replicas or buffers out of sync, gradient norms that
+            disagree, data that never changes or is the same on every rank), with one
+            all_gather per step at the end of its backward. ``None`` (default): when a
+            process group of more than one rank is initialised. Pass the DDP module or
+            the module it wraps; every rank must call :meth:`step` on every step.
+        group: the process group of the rank checks (``None``: the default group).
     """
 
     def __init__(
@@ -501,13 +515,21 @@ class Doctor:
         kl_term: str | None = None,
         nan_guard: bool = True,
         schedule: Callable[[int], bool] = DEFAULT_SCHEDULE,
+        distributed: bool | None = None,
+        group: Any = None,
     ) -> None:
         if attribute_every != "auto" and (
             not isinstance(attribute_every, int) or attribute_every < 0
         ):
             raise ValueError(f'attribute_every must be "auto" or >= 0, got {attribute_every!r}')
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # the module it wraps: the Doctor's own passes (layer order, noise probe, NaN
+            # localisation) must not run DDP's forward, whose collectives every rank joins
+            model = model.module
         self.model = model
         self.schedule = schedule
+        wanted = _distributed() if distributed is None else distributed
+        self.ranks = RankMonitor(model, group, gather_after_backward=True) if wanted else None
         self.where = where
         self.attribute_every = attribute_every
         self.attribution_method = attribution_method
@@ -545,11 +567,15 @@ class Doctor:
         if not self.hooks.active:
             self.hooks.__enter__()
         self.reparameterize.attach()
+        if self.ranks is not None:
+            self.ranks.attach()
         return self
 
     def close(self) -> None:
         self.hooks.remove()
         self.reparameterize.remove()
+        if self.ranks is not None:
+            self.ranks.close()
 
     def __enter__(self) -> Doctor:
         return self.attach()
@@ -587,6 +613,10 @@ class Doctor:
         """
         roles = _roles_dict(output, x)
         result = _loss_dict(loss, weights)
+        if self.ranks is not None:
+            # first: the Doctor's own passes below would move the model's fingerprint
+            main = {n: t for n, t in result.get("terms", {}).items() if "/" not in n}
+            self.ranks.before_backward(main or {"loss": result["loss"]}, x)
         due = bool(self.schedule(self.steps))
         self.hooks.detail = "full" if due else "norm"  # for the backward that follows
         bad_inputs = 0
@@ -627,8 +657,7 @@ class Doctor:
         """The findings so far, between steps: like :meth:`findings` without data, but the
         open epoch stays open (only closed epochs are judged) and the model is not run."""
         evidence = self.evidence(tuple(self.history.records), None, self.batch_size)
-        skipped = not_checked(evidence) + vae_not_checked(evidence)
-        return Findings(evaluate(evidence), tuple(skipped))
+        return self._judged(evidence)
 
     def epoch_end(self) -> None:
         """Close an epoch of the Doctor's own history (a user's loop calls it per epoch)."""
@@ -829,8 +858,21 @@ class Doctor:
         a user's loop with nothing built by hand.
         """
         evidence = self.evidence(records or self.records(), data, batch_size or self.batch_size)
+        return self._judged(evidence)
+
+    def _judged(self, evidence: RunEvidence) -> Findings:
+        """The rules' findings on ``evidence`` (and the rank checks' in a distributed run)."""
+        found = evaluate(evidence)
         skipped = not_checked(evidence) + vae_not_checked(evidence)
-        return Findings(evaluate(evidence), tuple(skipped))
+        ranks = self.rank_evidence()
+        if ranks is not None:
+            found = sort_findings([*found, *rank_findings(ranks)])
+            skipped = [*skipped, *rank_not_checked(ranks)]
+        return Findings(found, tuple(skipped))
+
+    def rank_evidence(self) -> RankEvidence | None:
+        """The rank checks' evidence (the same on every rank); None outside a distributed run."""
+        return self.ranks.evidence() if self.ranks is not None else None
 
     def summary(self) -> AttributionSummary | None:
         """Attribution averaged over the attributed steps (None before any attribution)."""

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from meaning_transform.diagnostics.distributed import RankMonitor, rank_not_checked
+from meaning_transform.diagnostics.doctor import Doctor
 from meaning_transform.model import MeaningVAE
 
 N_SAMPLES = 512  # 256 per rank: 16 steps of 16 per epoch
@@ -167,8 +168,12 @@ def train(
     batch: int = BATCH,
     optimizer: str = "adam",
     seed: int = 0,
+    doctor: bool = False,
 ) -> dict[str, Any]:
-    """One DDP training run with a RankMonitor; findings, evidence and extras as plain data."""
+    """One DDP training run with a RankMonitor; findings, evidence and extras as plain data.
+
+    ``doctor=True``: the Doctor instead, as a user's loop has it (``doctor.step`` before
+    backward, nothing after; its RankMonitor gathers at the end of the backward)."""
     torch.manual_seed(seed)  # the same on every rank, as a launcher would set it
     model, loss_terms = build(kind)
     with warnings.catch_warnings():  # torch 2.13 renames it; False keeps its old meaning
@@ -188,7 +193,10 @@ def train(
         if optimizer == "adam"
         else torch.optim.SGD(ddp.parameters(), lr=1e-4 if kind == "examples" else 0.05)
     )
-    mon = RankMonitor(ddp, shuffle_expected=shuffle_expected).attach()
+    doc = Doctor(ddp).attach() if doctor else None
+    mon = doc.ranks if doc is not None else RankMonitor(ddp, shuffle_expected=shuffle_expected)
+    assert mon is not None
+    mon.attach()
     step = 0
     frozen: tuple[Tensor, Tensor] | None = None
     for epoch in range(epochs):
@@ -213,13 +221,29 @@ def train(
                 terms["penalty"] = zero
             if fault == "loss_x100" and rank == 1:
                 terms = {k: v * 100 for k, v in terms.items()}
-            mon.before_backward(terms, (x, y))
-            sum(terms.values()).backward()  # type: ignore[union-attr]
-            mon.after_backward()
+            total = sum(terms.values())
+            if doc is not None:
+                named = terms if "loss" not in terms else {}
+                doc.step(out, {"loss": total, **named} if named else total, x)
+            else:
+                mon.before_backward(terms, (x, y))
+            total.backward()  # type: ignore[union-attr]
+            if doc is None:
+                mon.after_backward()
             opt.step()
             opt.zero_grad()
             step += 1
         mon.epoch_end()
+    if doc is not None:
+        found = doc.findings(data=x_all)
+        doc.close()
+        return {
+            "findings": [f.as_dict() for f in found],
+            "not_checked": [dataclasses.asdict(n) for n in found.not_checked],
+            "evidence": dataclasses.asdict(mon.evidence()),
+            "steps": doc.steps,
+            "snapshots": len(doc.hooks.history),
+        }
     mon.close()
     ev = mon.evidence()
     return {
@@ -284,6 +308,12 @@ SCENARIOS: dict[str, Callable[[int], dict[str, Any]]] = {
         for seed in (0, 1)
     },
     "hook": hook_is_local,
+    # the Doctor in a user's DDP loop (tests/distributed/test_doctor_ddp.py)
+    "doctor_healthy_meaning": lambda r: train(r, "meaning", doctor=True),
+    "doctor_healthy_examples": lambda r: train(r, "examples", doctor=True),
+    "doctor_nan": lambda r: train(r, "meaning", fault="nan", doctor=True),
+    "doctor_desync": lambda r: train(r, "meaning", fault="desync", doctor=True),
+    "doctor_unsynced_bn": lambda r: train(r, "meaning", broadcast_buffers=False, doctor=True),
     "healthy_meaning": lambda r: train(r, "meaning"),
     "healthy_examples": lambda r: train(r, "examples"),
     "healthy_mlp": lambda r: train(r, "mlp"),
