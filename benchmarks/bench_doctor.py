@@ -17,8 +17,11 @@ configurations interleaved (rotated order) in every run:
 - Doctor, default settings: the same, with ``Doctor(model)`` attached, ``doctor.step``
   before every backward, and ``doctor.findings(data=...)`` at the end (the Doctor's
   construction, its hooks and its verdicts are inside the timing).
-- Doctor, everything every step: ``Doctor(model, attribute_every=1,
-  schedule=Schedule(every=1))``, what the default was before issue 13.
+- the same with one setting changed: ``nan_guard=False``; ``attribute_every=0`` (no
+  attribution); ``schedule=Schedule(every=1), attribute_every=0`` (full gradient
+  statistics every step, no attribution); ``schedule=Schedule(every=1)`` (everything
+  every step: full statistics and attribution, what the default was before issue 13,
+  apart from the cheaper attribution).
 
 Part 2, one training step with per-term attribution for the three terms, next to a plain
 step (blocks of steps, interleaved; ratio to the plain step of the same round):
@@ -200,12 +203,16 @@ def main() -> None:
     torch.manual_seed(0)
     data = torch.rand(BATCH * BATCHES, INPUT_DIM)
 
+    every = Schedule(every=1)
     run_configs = {
         PLAIN_RUN: training_run(data, args.steps, None),
         "Doctor, default settings": training_run(data, args.steps, {}),
-        "Doctor, everything every step": training_run(
-            data, args.steps, {"attribute_every": 1, "schedule": Schedule(every=1)}
+        "  nan_guard=False": training_run(data, args.steps, {"nan_guard": False}),
+        "  attribute_every=0": training_run(data, args.steps, {"attribute_every": 0}),
+        "  full statistics every step, no attribution": training_run(
+            data, args.steps, {"schedule": every, "attribute_every": 0}
         ),
+        "  everything every step": training_run(data, args.steps, {"schedule": every}),
     }
     full = Schedule()
     print(
