@@ -7,6 +7,9 @@
     trainer.fit(module, loader)
     doctor.findings                     # also printed once, on rank 0
 
+Under ``Trainer(strategy="ddp")`` every rank runs the Doctor; ``stop_on`` stops all ranks
+together.
+
 Needs the ``lightning`` extra (``pip install -e ".[lightning]"``). Nothing outside
 ``meaning_transform.integrations`` imports this module, so the core runs without it.
 """
@@ -65,8 +68,16 @@ class DoctorCallback(Callback):
 
     At the end of training the findings are computed on ``data`` (default: the first
     1024 input rows seen in training), printed once on rank 0, kept in :attr:`findings`
-    and written to ``report_path`` as JSON (replacing the file). Under DDP each rank
-    keeps its own evidence; rank 0's is printed and saved.
+    and written to ``report_path`` as JSON (replacing the file).
+
+    Under DDP (``strategy="ddp"``, ``"ddp_spawn"``; tests/integrations/test_lightning_ddp.py
+    runs the real ``"ddp"`` launcher on 2 CPU ranks) every rank runs its own Doctor, which
+    gathers the ranks' evidence once per step at the end of the backward, so every rank
+    must record every step. :attr:`findings` on each rank holds that rank's own findings
+    plus the ``rank-*`` findings (the same on every rank); rank 0's are printed and saved.
+    ``stop_on`` is decided together: at every check each rank says whether its findings
+    reach ``stop_on`` (one reduction over the ranks), and if any does, every rank stops at
+    the same step with the same :attr:`stopped_by` (the lowest such rank's finding).
 
     Args:
         model_attr: the attribute of the ``LightningModule`` holding the VAE whose forward
@@ -80,7 +91,8 @@ class DoctorCallback(Callback):
         data: inputs to measure latent health and dead units on at the end.
         report_path: write the findings there as JSON at the end.
         stop_on: ``"error"`` (or ``"warning"``): stop training through the trainer
-            (``trainer.should_stop``) at the first finding of that severity or worse.
+            (``trainer.should_stop``) at the first finding of that severity or worse
+            (under DDP: on any rank; all ranks stop together).
         check_every: with ``stop_on``, check every k steps (:meth:`Doctor.check`, which
             judges closed epochs only); None: at each training epoch's end.
         log: log :meth:`Doctor.metrics` through ``pl_module.log_dict`` (keys ``mtx/...``;
@@ -127,7 +139,7 @@ class DoctorCallback(Callback):
         self.doctor_kwargs = doctor_kwargs
         self.doctor: Doctor | None = None
         self.findings: Findings | None = None  # set at the end of training
-        self.stopped_by: Finding | None = None  # the finding that stopped training
+        self.stopped_by: Finding | None = None  # that stopped training (on any rank)
         self._pending_state: Mapping[str, Any] | None = None  # from a checkpoint
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._module: pl.LightningModule | None = None
@@ -250,14 +262,17 @@ class DoctorCallback(Callback):
 
     def _stop_if_due(self, trainer: pl.Trainer, found: Findings) -> None:
         if self.stop_on is None or self.stopped_by is not None:
-            return
+            return  # the same on every rank: stopped_by is set everywhere at once
         limit = SEVERITIES.index(self.stop_on)
         worst = [f for f in found if SEVERITIES.index(f.severity) <= limit]
-        if worst:
-            self.stopped_by = worst[0]
-            trainer.should_stop = True
-            if trainer.is_global_zero:
-                print(f"mtx: stopping training on {_line(worst[0])}")
+        rank, stopper = _first_rank_with(trainer, worst[0] if worst else None)
+        if stopper is None:
+            return
+        self.stopped_by = stopper
+        trainer.should_stop = True
+        if trainer.is_global_zero:
+            on_rank = f" (rank {rank})" if trainer.world_size > 1 else ""
+            print(f"mtx: stopping training on {_line(stopper)}{on_rank}")
 
     # ---- at the end ----
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -287,6 +302,29 @@ class DoctorCallback(Callback):
             self.doctor.load_state_dict(state)
         else:  # restored before on_fit_start creates the Doctor: applied then
             self._pending_state = state
+
+
+def _first_rank_with(trainer: pl.Trainer, mine: Finding | None) -> tuple[int, Finding | None]:
+    """The lowest rank holding a finding, and that finding, the same on every rank.
+
+    Local findings differ between ranks (the rank-* ones do not), so a rank that stopped
+    alone would leave the others waiting in DDP's next all-reduce. Every rank calls this
+    at every check, in the same order: one reduction, and a broadcast only when stopping.
+    """
+    world = trainer.world_size
+    if world == 1:
+        return 0, mine
+    strategy = trainer.strategy
+    mark = torch.tensor(float(trainer.global_rank if mine is not None else world))
+    first = int(strategy.reduce(mark.to(strategy.root_device), reduce_op="min").item())
+    if first == world:
+        return first, None
+    # a Finding's evidence is a read-only mapping, which pickle refuses: send its fields
+    sent: dict[str, Any] | None = mine.as_dict() if mine is not None else None
+    fields = strategy.broadcast(sent, src=first)
+    if fields is None:
+        raise RuntimeError(f"rank {first} reported a finding to stop on but sent none")
+    return first, Finding(**{**fields, "runs": tuple(fields["runs"])})
 
 
 def _loss_of(returned: object) -> object:
