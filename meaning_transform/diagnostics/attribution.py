@@ -77,6 +77,7 @@ class Attribution:
     # the term whose gradient was the total's minus the others' (see begin_attribution),
     # None when every term had its own backward pass
     derived: str | None = None
+    step: int | None = None  # the Doctor's step it was taken at (None: not in a run)
 
     def as_dict(self) -> dict[str, object]:
         """Plain, JSON-friendly data (tuples become lists)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from types import TracebackType
 from typing import Any, Literal
 
@@ -557,7 +557,7 @@ class Doctor:
         self.nan_guard = NanGuard(model) if nan_guard else None
         self._nan_passes = 0  # backward passes recorded before nan_first was found
         # the attribution waiting for the total's backward, with its step's term values
-        self._pending: tuple[PendingAttribution, dict[str, float]] | None = None
+        self._pending: tuple[PendingAttribution, dict[str, float], int] | None = None
         self._derive: tuple[tuple[str, ...], str] | None = None  # (terms, the one derived)
         self.derive_problem = "no attribution was checked yet"  # why none is derived
         self._since_check = 0  # derived attributions since the last full one
@@ -724,7 +724,7 @@ class Doctor:
                 "the Doctor is not attached" if not self.hooks.active else "a distributed run"
             )
             att = term_attribution(terms, weights, self.model, method=method, total_of=total_of)
-            self.attributions.append(att)
+            self.attributions.append(replace(att, step=self.steps))
             self.term_values.append(term_values)
             return
         derive = None
@@ -733,7 +733,7 @@ class Doctor:
                 derive = self._derive[1]
         pending = begin_attribution(terms, weights, self.model, derive, method, total_of)
         self._since_check = self._since_check + 1 if derive is not None else 0
-        self._pending = (pending, term_values)
+        self._pending = (pending, term_values, self.steps)
         self.hooks.on_pass_end = self._complete
 
     def _complete(self, grads: list[torch.Tensor | None]) -> None:
@@ -741,10 +741,10 @@ class Doctor:
         self.hooks.on_pass_end = None
         if self._pending is None:
             return
-        pending, term_values = self._pending
+        pending, term_values, step = self._pending
         self._pending = None
         attribution, residual = complete_attribution(pending, grads)
-        self.attributions.append(attribution)
+        self.attributions.append(replace(attribution, step=step))
         self.term_values.append(term_values)
         if pending.derived >= 0:
             return
@@ -763,13 +763,13 @@ class Doctor:
         """An attribution whose backward never came: kept if complete, else dropped."""
         if self._pending is None:
             return
-        pending, term_values = self._pending
+        pending, term_values, step = self._pending
         self._pending = None
         self.hooks.on_pass_end = None
         self._derive = None
         self.derive_problem = "no backward of the total followed Doctor.step"
         if pending.derived < 0:
-            self.attributions.append(complete_attribution(pending, None)[0])
+            self.attributions.append(replace(complete_attribution(pending, None)[0], step=step))
             self.term_values.append(term_values)
 
     def _flush_losses(self) -> None:

@@ -584,6 +584,25 @@ def _main_terms(att: Any) -> list[str]:
     return [n for n in att.total_of if att.weights.get(n, 0.0) != 0.0]
 
 
+def _spans(ev: RunEvidence) -> list[float]:
+    """How many steps each attributed step stands for: up to the next one (the last: to
+    the end of the run). The Doctor attributes on a schedule dense at the start (steps
+    0, 1, 2, 4, 8, ...), so a plain mean over attributions would be a mean over the first
+    steps (a KL weight still warming up); weighted by span it is the run's mean. Every
+    step attributed (or every k-th): all spans equal, the plain mean. Without step
+    indices (hand-built evidence): 1 each."""
+    steps = [a.step for a in ev.attributions]
+    if not steps or any(s is None for s in steps):
+        return [1.0] * len(steps)
+    known = [int(s) for s in steps if s is not None]
+    end = max(len(ev.step_losses), known[-1] + 1)
+    return [float(max(b - a, 1)) for a, b in zip(known, [*known[1:], end], strict=True)]
+
+
+def _weighted_mean(values: list[float], spans: list[float]) -> float:
+    return sum(v * w for v, w in zip(values, spans, strict=True)) / sum(spans)
+
+
 @rule
 def grad_dominance(ev: RunEvidence) -> list[Finding]:
     if not ev.attributions:
@@ -592,8 +611,9 @@ def grad_dominance(ev: RunEvidence) -> list[Finding]:
     names = [n for n in _main_terms(last) if last.norm.get(n, 0.0) > 0.0]
     if len(names) < 2:
         return []
+    spans = _spans(ev)
     mean = {
-        n: sum(a.weighted_norm.get(n, 0.0) for a in ev.attributions) / len(ev.attributions)
+        n: _weighted_mean([a.weighted_norm.get(n, 0.0) for a in ev.attributions], spans)
         for n in names
     }
     top = max(names, key=lambda n: mean[n])
@@ -629,8 +649,9 @@ def grad_conflict(ev: RunEvidence) -> list[Finding]:
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             cos = [att.cosine.get(a, {}).get(b, 0.0) for att in ev.attributions]
-            share = sum(c < 0 for c in cos) / len(cos)
-            mean_cos = sum(cos) / len(cos)
+            spans = _spans(ev)
+            share = _weighted_mean([float(c < 0) for c in cos], spans)
+            mean_cos = _weighted_mean(cos, spans)
             if share < CONFLICT_SHARE or mean_cos >= CONFLICT_INFO:
                 continue
             severity: Severity = "warning" if mean_cos < CONFLICT_WARNING else "info"

@@ -278,3 +278,39 @@ def test_frozen_noise_is_still_found_with_the_default_schedule() -> None:
             total.backward()
             optimizer.step()
     assert "frozen-noise" in {f.code for f in doctor.findings()}
+
+
+def test_scheduled_attributions_are_weighted_by_the_steps_they_stand_for() -> None:
+    """Attributions at steps 0, 1, 2, 4, ..., 128 of a 200-step run whose KL gradient is
+    ~0 for the first 30 steps (a fresh encoder: mu ~ 0, log_var ~ 0): the plain mean over
+    the attributions is mostly those first steps (recon 'dominates' 150x), the run's mean
+    is not (60x, under grad-dominance's 100x). Weighted by span, no finding; the same
+    attributions without step indices (one per step) fire."""
+    from dataclasses import replace
+
+    from test_threshold_edges import attribution
+
+    from meaning_transform.diagnostics.rules import RunEvidence, grad_conflict, grad_dominance
+
+    steps = [0, 1, 2, 4, 8, 16, 32, 64, 128]
+    atts = [
+        replace(attribution({"recon": 50.0, "kl": 1e-3 if s < 30 else 1.0}), step=s) for s in steps
+    ]
+    losses = tuple([1.0] * 200)
+    weighted = RunEvidence(where="run", attributions=tuple(atts), step_losses=losses)
+    assert grad_dominance(weighted) == []
+    plain = RunEvidence(
+        where="run", attributions=tuple(replace(a, step=None) for a in atts), step_losses=losses
+    )
+    assert [f.code for f in grad_dominance(plain)] == ["grad-dominance"]
+    # the same weighting for conflict: cos < 0 only on the early steps
+    early = [
+        replace(a, cosine={"recon": {"recon": 1.0, "kl": -0.9}, "kl": {"recon": -0.9, "kl": 1.0}})
+        for a in atts[:6]
+    ]
+    mixed = RunEvidence(where="run", attributions=tuple(early + atts[6:]), step_losses=losses)
+    assert grad_conflict(mixed) == []
+    unweighted = RunEvidence(
+        where="run", attributions=tuple(replace(a, step=None) for a in early + atts[6:])
+    )
+    assert [f.code for f in grad_conflict(unweighted)] == ["grad-conflict"]
