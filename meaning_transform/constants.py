@@ -42,8 +42,13 @@ SCENARIO_NAMES: tuple[str, ...] = (
     "kl-wrong-sign",
     "beta-ignored",
     "collapse-onset",
+    "rank-nan",
+    "rank-desync",
+    "unsynced-bn",
     "original",
 )
+# check-grads --nproc: local processes at most (each imports torch, ~220 MB)
+MAX_NPROC = 8
 # The loss components the built-in CombinedLoss reports, in table order.
 COMPONENTS: tuple[str, ...] = ("reconstruction", "kl", "semantic", "compression")
 # KL per sample = -1/2 sum_z (1 + log_var - mu^2 - exp(log_var)), term by term.

@@ -63,6 +63,14 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
     "kl-formula": "The KL term does not match the analytic KL of the encoder's Gaussian.",
     "beta-schedule": "The declared β (KL-weight) schedule is not what the loss applied.",
     "collapse-onset": "The step at which the KL term collapsed during training.",
+    # the rank checks of a distributed run (check-grads --nproc N)
+    "rank-nonfinite": "NaN or Inf on some ranks only (a loss term or a local gradient).",
+    "rank-desync": "A parameter differs between the DDP replicas.",
+    "rank-buffer-desync": "A buffer (batch-norm statistics) differs between the ranks.",
+    "rank-grad-disagree": "One rank's local gradient norm is far from the others'.",
+    "rank-data-frozen": "A rank's batch never changes from step to step.",
+    "rank-data-duplicate": "Every rank gets the same batch (no DistributedSampler).",
+    "rank-data-repeats": "The batch order repeats every epoch (no sampler.set_epoch).",
 }
 
 About = Literal["model", "loss", "data"]
@@ -90,6 +98,13 @@ ABOUT: dict[str, About] = {
     "kl-formula": "loss",
     "beta-schedule": "loss",
     "nonfinite-input": "data",
+    "rank-desync": "model",
+    "rank-buffer-desync": "model",
+    "rank-grad-disagree": "loss",
+    "rank-nonfinite": "data",
+    "rank-data-frozen": "data",
+    "rank-data-duplicate": "data",
+    "rank-data-repeats": "data",
 }
 
 _GITHUB_COMMAND = {"error": "error", "warning": "warning", "info": "notice"}
@@ -137,6 +152,10 @@ def check_codes(report: Report) -> list[str]:
     from meaning_transform.diagnostics.rules import RULES
 
     codes = [r.__name__.replace("_", "-") for r in RULES]
+    if getattr(report, "nproc", 1) > 1:  # check-grads --nproc N: the rank checks ran too
+        from meaning_transform.diagnostics.distributed import CODES as RANK_CODES
+
+        codes += RANK_CODES
     seen = set(codes)
     extra = ({f.code for f in report.findings} | {c.code for c in report.not_checked}) - seen
     return list(dict.fromkeys(codes)) + sorted(extra)

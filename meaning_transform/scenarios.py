@@ -100,6 +100,10 @@ class _IgnoresBeta(_LossWrapper):
         return self.inner(out, x)
 
 
+# rank-nan: the training step (0-based, one loss call per step) at which rank 1's target
+# holds a NaN; early, so that even a short run has steps after it
+RANK_NAN_STEP = 2
+
 # The collapse-onset scenario's own β: 0.01 for its first steps, so the KL grows, then
 # doubled every step to a cap far above any useful β, so it collapses part-way through
 # (the built-in setup's KL peaks near 3 nats at step 8 and is gone by step 20).
@@ -136,6 +140,31 @@ class _OvershootingBeta(_LossWrapper):
         result["loss"] = result["loss"] + (beta - inner_beta) * kl
         result["weights"] = {**result["weights"], "kl": beta}
         return result
+
+
+class _RankNan(_LossWrapper):
+    """On one rank of a distributed run, at one training step, the loss is given a
+    target with a NaN: that rank's reconstruction term (and loss) is NaN, the others'
+    are finite, and DDP's all-reduce spreads the NaN gradient to every rank."""
+
+    def __init__(self, inner: nn.Module, rank: int = 1, step: int = RANK_NAN_STEP) -> None:
+        super().__init__(inner)
+        object.__setattr__(self, "calls", 0)  # plain attributes, not module state
+        object.__setattr__(self, "fault", (rank, step))
+
+    def forward(self, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, Any]:
+        rank, step = self.fault
+        calls = self.calls
+        object.__setattr__(self, "calls", calls + 1)
+        if calls == step and _this_rank() == rank:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return self.inner(out, x)
+
+
+def _this_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class _TargetLeak(_LossWrapper):
@@ -189,6 +218,30 @@ class DeclaredSchedule:
 
 
 @dataclass(frozen=True)
+class RankFault:
+    """A fault of a distributed run (``--nproc N``), on one rank or in the DDP wrapper.
+
+    ``perturb``: the parameter (qualified name) nudged by ``+delta`` in one entry on
+    ``rank``, in place, right after DDP's initial broadcast, so that replica stays
+    different. ``broadcast_buffers``: DDP's own flag; False leaves each rank's batch-norm
+    running statistics to drift apart.
+    """
+
+    rank: int = 1
+    perturb: str | None = None
+    delta: float = 1e-3
+    broadcast_buffers: bool = True
+
+    def after_broadcast(self, model: nn.Module, rank: int) -> None:
+        """Apply the fault to this rank's replica (the module DDP wraps)."""
+        if self.perturb is None or rank != self.rank:
+            return
+        weight = dict(model.named_parameters())[self.perturb]
+        with torch.no_grad():
+            weight.view(-1)[0] += self.delta
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     findings: tuple[str, ...]  # the finding codes it demonstrates (none for healthy)
@@ -203,6 +256,9 @@ class Scenario:
     declared_beta: DeclaredSchedule | None = None
     # the fault is the loss's own KL weight, which a β schedule (anneal-demo) replaces
     beta_fault: bool = False
+    # processes the fault needs (2: a distributed fault, shown with --nproc 2 or more)
+    min_nproc: int = 1
+    rank_fault: RankFault | None = None  # the distributed fault, if any
 
     def data(self, x: torch.Tensor) -> torch.Tensor:
         if not self.nan_input:
@@ -361,6 +417,30 @@ SCENARIOS: dict[str, Scenario] = {
             wrap_loss=_OvershootingBeta,
             lr=1e-2,
             beta_fault=True,
+        ),
+        Scenario(
+            "rank-nan",
+            ("rank-nonfinite",),
+            f"rank 1's loss is given a target with a NaN at step {RANK_NAN_STEP} "
+            "(needs --nproc 2 or more)",
+            wrap_loss=_RankNan,
+            min_nproc=2,
+        ),
+        Scenario(
+            "rank-desync",
+            ("rank-desync",),
+            "rank 1's decoder.fc_out.weight nudged by 1e-3 in place after DDP's broadcast "
+            "(needs --nproc 2 or more)",
+            min_nproc=2,
+            rank_fault=RankFault(rank=1, perturb="decoder.fc_out.weight"),
+        ),
+        Scenario(
+            "unsynced-bn",
+            ("rank-buffer-desync",),
+            "DDP(broadcast_buffers=False): each rank's batch-norm running statistics drift "
+            "apart (needs --nproc 2 or more)",
+            min_nproc=2,
+            rank_fault=RankFault(broadcast_buffers=False),
         ),
         Scenario(
             "original",

@@ -182,7 +182,11 @@ class TrainResult:
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Shuffled index batches; a last batch of one sample joins the one before it,
     because batch norm cannot normalise a single sample in training mode."""
-    order = torch.randperm(n, generator=generator)
+    return _cut(torch.randperm(n, generator=generator), batch_size)
+
+
+def _cut(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``order`` in batches of ``batch_size``; a last batch of one joins the one before."""
     batches = list(order.split(batch_size))
     if len(batches) > 1 and batches[-1].numel() == 1:
         batches[-2:] = [torch.cat(batches[-2:])]
@@ -222,6 +226,7 @@ def train(
     callbacks: Sequence[object] = (),
     on_epoch: Callable[[EpochRecord], None] | None = None,
     optimizer: Optimizer | None = None,
+    sampler: Any = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (N, D) and return per-epoch records.
 
@@ -232,12 +237,18 @@ def train(
     Without ``optimizer`` it uses :class:`meaning_transform.optim.Adam` (``torch.optim.Adam``'s
     arithmetic without its 1 s import of ``torch._dynamo``); any ``torch.optim`` optimizer
     works too.
+
+    ``sampler``: a distributed run's (a ``DistributedSampler`` over ``data``): each
+    epoch it is told the epoch (``set_epoch``) and this rank's indices, in its order, are
+    cut into batches of ``config.batch_size``. Every rank then runs the backward on every
+    step, a non-finite loss included, because DDP's all-reduce needs every rank in it; the
+    all-reduced gradient is then non-finite on every rank, and every rank skips the update.
     """
     device = resolve_device(config.device)
     model.to(device)
     loss_fn.to(device)
     data = data.to(device)
-    n = data.shape[0]
+    n = data.shape[0] if sampler is None else len(sampler)  # this rank's share
     batch_size = n if config.batch_size is None else min(config.batch_size, n)
     if optimizer is None:
         optimizer = Adam(model.parameters(), lr=config.lr)
@@ -254,7 +265,12 @@ def train(
         total_sum, norms, skipped = 0.0, [], 0
         floors: dict[str, int] = {}
         events: list[str] = []
-        indices = _batches(n, batch_size, shuffle) if batch_size < n else [None]
+        indices: list[torch.Tensor | None]
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            indices = [*_cut(torch.tensor(list(sampler), dtype=torch.long), batch_size)]
+        else:
+            indices = [*_batches(n, batch_size, shuffle)] if batch_size < n else [None]
         for idx in indices:
             batch = data if idx is None else data[idx.to(device)]  # (B, D)
             output = model(batch)
@@ -269,7 +285,7 @@ def train(
             for cb in callbacks:
                 if hasattr(cb, "before_backward"):
                     cb.before_backward(ctx)
-            if finite_loss:
+            if finite_loss or sampler is not None:
                 loss.backward()
                 grad_norm = float(nn.utils.clip_grad_norm_(params, max_norm=max_norm))
             else:

@@ -111,10 +111,12 @@ def _report_parts() -> dict[str, type]:
         report.DebugLossReport,
         report.AnnealReport,
         report.CheckGradsReport,
+        report.DistributedCheckGradsReport,  # check-grads --nproc N
         report.DebugExtendedReport,
         report.DebugLossConfig,
         report.AnnealConfig,
         report.CheckGradsConfig,
+        report.DistributedCheckGradsConfig,
         report.DebugExtendedConfig,
     ):
         walk(cls)

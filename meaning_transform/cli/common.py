@@ -879,10 +879,11 @@ def checked_model(
     spec: str | None,
     scenario: Any = None,
     losses: Any = None,
+    nproc: int = 1,
 ) -> None:
     """Build the model once on the data: the user's is checked against the output
     contract, the user's loss on its output; either model must be able to train on the
-    batches --batch-size gives."""
+    batches --batch-size gives (with ``nproc`` ranks: each rank's batches of its share)."""
     if factory is not None:
         from meaning_transform.user_model import check_model
 
@@ -892,7 +893,17 @@ def checked_model(
         from meaning_transform.studies.setup import default_model
 
         model = default_model(dataset.n_features, opts.seed, dataset.tensor, scenario)
-    check_batch_size(model, opts.batch_size, int(dataset.tensor.shape[0]))
+    rows = int(dataset.tensor.shape[0])
+    if nproc > 1:
+        rows, batch = -(-rows // nproc), opts.batch_size // nproc
+        if opts.batch_size and not batch:
+            raise UsageProblem(
+                f"--batch-size {opts.batch_size} is split between the --nproc {nproc} "
+                f"ranks: give at least {nproc} (one sample per rank), or 0 for full batches"
+            )
+        check_batch_size(model, batch, rows)
+    else:
+        check_batch_size(model, opts.batch_size, rows)
     if losses is not None:
         from meaning_transform.user_model import check_loss
 
@@ -904,18 +915,25 @@ def prepare(
     user: UserCode,
     scenario_name: str,
     semantic_weight: float | None = None,
+    nproc: int = 1,
 ) -> tuple[Any, Any, Any, Any]:
     """Resolve --model/--loss/--scenario, load or make the data, check both on it.
 
     Returns ``(dataset, model_factory or None, scenario or None, loss_factory or None)``.
-    An explicit ``semantic_weight`` > 0 needs the 10-feature agent-state layout.
+    An explicit ``semantic_weight`` > 0 needs the 10-feature agent-state layout. A
+    distributed scenario needs ``nproc`` >= 2.
     """
     from meaning_transform.studies.setup import get_data
 
     factory, scenario = model_and_scenario(user, scenario_name)
+    if scenario is not None and nproc < scenario.min_nproc:
+        raise UsageProblem(
+            f"--scenario {scenario_name} is a distributed fault: it needs "
+            f"mtx check-grads --nproc {scenario.min_nproc} or more"
+        )
     losses = loss_factory(user)
     dataset = get_data(opts.data, seed=opts.seed, scenario=scenario)
-    checked_model(factory, dataset, opts, user.model, scenario, losses)
+    checked_model(factory, dataset, opts, user.model, scenario, losses, nproc)
     if semantic_weight and not dataset.agent_layout:
         raise UsageProblem(
             f"--semantic-weight needs the agent-state layout (10 features per row), "

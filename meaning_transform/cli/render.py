@@ -45,6 +45,7 @@ from meaning_transform.studies.report import (
     DebugExtendedReport,
     DebugLossReport,
     Diagnosis,
+    DistributedCheckGradsReport,
     EpochRow,
     KindSection,
     LossRun,
@@ -925,14 +926,45 @@ def gradient_totals_section(report: CheckGradsReport) -> Group:
     return Group(*lines)
 
 
+def ranks_section(report: DistributedCheckGradsReport) -> Grid:
+    """One row per rank of a distributed run."""
+    return grid(
+        ["rank", "steps", "samples", "skipped", "final loss", "median local ‖g‖", "findings"],
+        [
+            [
+                str(r.rank),
+                str(r.steps),
+                str(r.samples),
+                str(r.skipped_steps),
+                num(r.final_loss),
+                num(r.median_local_grad_norm),
+                str(r.findings),
+            ]
+            for r in report.ranks
+        ],
+        title=f"Ranks ({report.nproc} processes, {report.backend}, DistributedDataParallel)",
+        caption=(
+            "final loss: the rank's last finite step loss on its own batch; local ‖g‖: its "
+            "gradient before DDP's all-reduce; findings: its own (the rank checks' are the "
+            "same on every rank). Steps and parameters below are rank 0's: after the "
+            "all-reduce every rank holds the same gradient"
+        ),
+    )
+
+
 @renderable.register(CheckGradsReport)
 def _check_grads(report: CheckGradsReport) -> Group:
     extra = [f"weights r/kl/s {weights_text(report.weights)}"]
     if report.clip is not None:
         extra.append(f"clip {report.clip:g}")
+    ranks = None
+    if isinstance(report, DistributedCheckGradsReport):
+        extra.append(f"nproc {report.nproc} (batch per rank)")
+        ranks = ranks_section(report)
     parts: list[RenderableType | None] = [
         header_section(report, extra),
         semantic_note(report),
+        ranks,
         steps_section(report.steps, report.clip),
     ]
     if report.parameters:

@@ -785,7 +785,7 @@ def _desync(ev: RankEvidence) -> Finding | None:
         title="parameters differ across replicas",
         message=(
             f"at step {e.step} the weights of {e.name} on {_ranks(e.ranks)} differed from "
-            "the other ranks' (exact comparison of float64 fingerprints; healthy DDP "
+            "the other ranks' (exact comparison of a checksum of their bits; healthy DDP "
             "replicas are bitwise equal)"
         ),
         remedy=(

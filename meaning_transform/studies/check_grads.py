@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from meaning_transform.diagnostics.distributed import RankEvidence
 from meaning_transform.diagnostics.gradients import (
     GradientMonitor,
     GradientSnapshot,
@@ -81,18 +82,34 @@ def run_check_grads(
     recon: float = 1.0,
     kl: float = 0.1,
     semantic: float = 0.5,
+    where: str | None = None,
 ) -> CheckGradsReport:
     """Train one fresh model, monitoring every step's gradients; return the report.
 
     ``pipeline.train_config.clip_grad_norm`` (if set) is applied after each snapshot, so
     every reported norm is the norm before clipping (see the module docstring).
+    ``where`` names the run in the findings (default: the data kind; one rank of a
+    distributed run: "rank 1").
     """
+    return check_grads_run(pipeline, options, recon, kl, semantic, where)[0]
+
+
+def check_grads_run(
+    pipeline: Pipeline,
+    options: CheckGradsConfig,
+    recon: float = 1.0,
+    kl: float = 0.1,
+    semantic: float = 0.5,
+    where: str | None = None,
+) -> tuple[CheckGradsReport, RankEvidence | None]:
+    """:func:`run_check_grads`, with the rank checks' evidence of a distributed run
+    (``pipeline.parallel``; None otherwise)."""
     model = pipeline.model()
     loss_fn = pipeline.loss(recon, kl, semantic, model=model)
     clip = pipeline.config.clip_grad_norm
     recorder = _StepRecorder(model, clip)
     run = pipeline.diagnose(
-        pipeline.dataset.kind,
+        where or pipeline.dataset.kind,
         model,
         loss_fn,
         config=replace(pipeline.config, clip_grad_norm=None),  # clipped by the recorder instead
@@ -111,7 +128,7 @@ def run_check_grads(
     # gradients x batch): mean |g| below VANISHING_ABS_MEAN x the median |loss| of the
     # last steps (1 when no finite loss was recorded)
     tiny = VANISHING_ABS_MEAN * (loss_scale(run.evidence) or 1.0)
-    return CheckGradsReport(
+    report = CheckGradsReport(
         **pipeline.header(
             "check-grads", options, [run], semantic_applicable=pipeline.dataset.agent_layout
         ),
@@ -132,6 +149,7 @@ def run_check_grads(
         never_received=never,
         diagnosis=run.diagnosis,
     )
+    return report, run.ranks
 
 
 def param_flags(

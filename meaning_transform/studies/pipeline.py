@@ -20,6 +20,10 @@ from torch import nn
 
 from meaning_transform import __version__
 from meaning_transform.constants import COMPONENTS
+from meaning_transform.diagnostics.distributed import (
+    RankEvidence,
+    RankMonitor,
+)
 from meaning_transform.diagnostics.doctor import Doctor
 from meaning_transform.diagnostics.findings import (
     Finding,
@@ -55,6 +59,21 @@ class Diagnosed:
     findings: tuple[Finding, ...]
     not_checked: tuple[NotChecked, ...]
     diagnosis: Diagnosis
+    ranks: RankEvidence | None = None  # a distributed run's rank checks (same on every rank)
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """How one rank of a distributed run trains (see ``studies/distributed.py``).
+
+    ``wrap`` puts the fresh model in ``DistributedDataParallel`` (and applies a
+    scenario's rank fault after DDP's broadcast); ``sampler`` gives this rank's
+    ``DistributedSampler`` over ``n`` samples.
+    """
+
+    wrap: Callable[[nn.Module], nn.Module]
+    sampler: Callable[[int], Any]
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,8 @@ class Pipeline:
     on_epoch: Callable[[], None] | None = None
     # The user's loss (--loss), built for one model: it replaces mtx's loss entirely.
     loss_factory: Callable[[nn.Module], nn.Module] | None = None
+    # one rank of a distributed run: train the DDP-wrapped model on this rank's share
+    parallel: DataParallel | None = None
 
     @property
     def config(self) -> TrainConfig:
@@ -148,7 +169,10 @@ class Pipeline:
         """
         config = config or self.config
         data = (dataset or self.dataset).tensor
-        n = data.shape[0]
+        parallel = self.parallel
+        trained = parallel.wrap(model) if parallel is not None else model  # DDP forwards
+        sampler = parallel.sampler(data.shape[0]) if parallel is not None else None
+        n = data.shape[0] if sampler is None else len(sampler)  # this rank's share
         batch = n if config.batch_size is None else min(config.batch_size, n)
         steps = config.epochs * math.ceil(n / batch)
         declared = self.scenario.declared_beta if self.scenario is not None else None
@@ -156,22 +180,39 @@ class Pipeline:
             total = config.epochs * steps_per_epoch(n, batch)
             beta_schedule, beta_max = declared.over(total), declared.beta_max
         doctor = Doctor(
-            model,
+            trained,  # under DDP: the module it wraps, and the rank checks
             where=where,
             attribute_every=max(1, steps // ATTRIBUTIONS_PER_RUN),
             schedule=EVERY_STEP,  # a diagnostic run: every gradient statistic, every step
             beta_schedule=beta_schedule,
             beta_max=beta_max,
         )
+        on_epoch = self.tick()
+        if doctor.ranks is not None:
+            # the DistributedSampler reshuffles every epoch (set_epoch), so a repeated
+            # batch order is a fault (rank-data-repeats); the monitor is told each epoch
+            doctor.ranks.shuffle_expected = True
+            on_epoch = _also_ending_rank_epochs(doctor.ranks, on_epoch)
         with doctor:
             if on_attach is not None:
                 on_attach(doctor)
             seed_everything(config.seed)
+            if parallel is not None:
+                _seed_rank_noise(model, config.seed, parallel.rank)
             result = train(
-                model, loss_fn, data, config, callbacks=(doctor, *callbacks), on_epoch=self.tick()
+                trained,
+                loss_fn,
+                data,
+                config,
+                callbacks=(doctor, *callbacks),
+                on_epoch=on_epoch,
+                sampler=sampler,
             )
         evidence = doctor.evidence(result.records, data=data, batch_size=result.batch_size)
-        return self.evaluate(where, result, evidence, not_applicable, because, unless_found)
+        run = self.evaluate(where, result, evidence, not_applicable, because, unless_found)
+        # a distributed run: the rank checks' evidence, the same on every rank (its
+        # findings are judged once, by whoever merges the ranks)
+        return replace(run, ranks=doctor.rank_evidence())
 
     def evaluate(
         self,
@@ -232,6 +273,30 @@ class Pipeline:
             "findings": merge_findings([(r.where, r.findings) for r in runs]),
             "not_checked": merge_not_checked([(r.where, r.not_checked) for r in runs]),
         }
+
+
+def _seed_rank_noise(model: nn.Module, seed: int, rank: int) -> None:
+    """Each rank its own noise: the global RNG and every generator a module holds (the
+    built-in model owns one) seeded from (seed, rank). The weights are DDP's broadcast of
+    rank 0's, so only the draws differ; with one seed for every rank, every rank would
+    draw the same eps for different data."""
+    offset = seed + 1_000_003 * rank
+    torch.manual_seed(offset)
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Generator):
+                value.manual_seed(offset)
+
+
+def _also_ending_rank_epochs(
+    ranks: RankMonitor, on_epoch: Callable[[EpochRecord], None] | None
+) -> Callable[[EpochRecord], None]:
+    def end(record: EpochRecord) -> None:
+        ranks.epoch_end()
+        if on_epoch is not None:
+            on_epoch(record)
+
+    return end
 
 
 def steps_per_epoch(n: int, batch: int) -> int:

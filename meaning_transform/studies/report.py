@@ -281,6 +281,35 @@ class CheckGradsReport(Report):
     diagnosis: Diagnosis
 
 
+@dataclass(frozen=True, kw_only=True)
+class DistributedCheckGradsConfig(CheckGradsConfig):
+    nproc: int = 2  # local processes (ranks); --batch-size is split between them
+
+
+@dataclass(frozen=True)
+class RankRow:
+    """One rank of a distributed run (``check-grads --nproc N``)."""
+
+    rank: int
+    steps: int
+    samples: int  # samples this rank trained on (its DistributedSampler share x epochs)
+    skipped_steps: int  # steps with a non-finite loss or gradient: no update made
+    final_loss: float | None  # this rank's last finite step loss (its own batch)
+    median_local_grad_norm: float | None  # this rank's gradient before the all-reduce
+    findings: int  # this rank's own findings (the rank checks' are not counted)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedCheckGradsReport(CheckGradsReport):
+    """check-grads on ``nproc`` ranks: rank 0's study (steps and parameters: after
+    DDP's all-reduce every rank holds the same gradient), every rank's findings merged
+    (the rank checks' are the same on every rank), and one row per rank."""
+
+    nproc: int
+    backend: str
+    ranks: tuple[RankRow, ...]
+
+
 # --------------------------------------------------------------------------- debug-extended
 
 

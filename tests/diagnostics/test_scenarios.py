@@ -11,7 +11,9 @@ from meaning_transform.diagnostics.rules import RULES
 from meaning_transform.scenarios import SCENARIOS, get_scenario
 from tests.studies.reports import BUILDERS
 
-FAULTS = [n for n in SCENARIOS if n != "healthy"]
+# distributed faults (rank-nan, rank-desync, unsynced-bn) need --nproc 2 or more: they
+# cannot run in one process; tests/cli/test_nproc.py runs them on 2 ranks
+FAULTS = [n for n in SCENARIOS if n != "healthy" and SCENARIOS[n].min_nproc == 1]
 INFO_CODES = {"terms-mismatch"}  # documented as info: it questions the weights, not training
 
 
