@@ -330,6 +330,7 @@ def begin_attribution(
     derive: str | None,
     method: Method = "loop",
     total_of: tuple[str, ...] | None = None,
+    grads_before: bool = True,
 ) -> PendingAttribution:
     """Start an attribution whose ``derive`` term comes from the total's own backward.
 
@@ -346,6 +347,11 @@ def begin_attribution(
     ``derive`` must be in the total with a nonzero weight and reach every parameter the
     total reaches (else the rounding left over where it does not would be read as its
     gradient); choose the term whose backward costs most (it reaches the most), the largest.
+
+    ``grads_before``: remember each ``.grad`` now, to be subtracted from the ``.grad``
+    handed to :func:`complete_attribution` (gradient accumulation). ``False`` when the
+    caller hands over the backward's own incoming gradients instead (``Tensor`` hooks, as
+    the Doctor does: a loop may zero ``.grad`` between this call and its backward).
     """
     names, total_names, w = _check_terms(terms, weights, method, total_of)
     if derive is not None and (derive not in total_names or w[derive] == 0.0):
@@ -357,7 +363,9 @@ def begin_attribution(
     if derived >= 0 and derived not in connected:
         raise ValueError(f"the term to derive has no graph: {derive!r}")
     own = [i for i in connected if i != derived]
-    before = [None if p.grad is None else p.grad.detach().clone() for p in plist]
+    before = [
+        None if p.grad is None or not grads_before else p.grad.detach().clone() for p in plist
+    ]
     per_term, used, reason = _term_grads(terms, names, own, plist, method, retain_graph=True)
     if derived >= 0:
         per_term.insert(connected.index(derived), [])

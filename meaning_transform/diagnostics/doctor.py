@@ -240,8 +240,14 @@ class _VaeRecorder:
         self.stride = 1
         self.steps: list[VaeStep] = []
         self.last: VaeStep | None = None
-        # (index among recorded steps, step, B, Z, declared β, weight given, device values)
-        self._pending: list[tuple[int, int, int, int, float, float, torch.Tensor]] = []
+        # (index among recorded steps, step, B, Z, declared β, weight given, mu, log_var,
+        # the KL term, total and other terms (detached), the other terms' weights)
+        self._pending: list[
+            tuple[
+                int, int, int, int, float, float, torch.Tensor, torch.Tensor,
+                list[torch.Tensor], list[float],
+            ]
+        ] = []  # fmt: skip
 
     def _kl_of(self, terms: Mapping[str, torch.Tensor]) -> str:
         """The KL term's name ("" when none, with ``problem`` saying why)."""
@@ -274,67 +280,98 @@ class _VaeRecorder:
     def record(
         self, step: int, roles: Mapping[str, torch.Tensor], result: Mapping[str, Any]
     ) -> None:
+        """Keep the step's mu, log_var and KL-term scalars (detached) until :meth:`flush`."""
         mu, log_var = roles.get("mu"), roles.get("log_var")
         if mu is None or log_var is None or mu.shape != log_var.shape or mu.numel() == 0:
             return
         batch = int(mu.shape[0]) if mu.dim() >= 2 else 1
-        dtype = torch.float32 if mu.device.type == "mps" else torch.float64  # MPS has no f64
-        mu2 = mu.detach().to(dtype).reshape(batch, -1)  # (B, Z)
-        lv2 = log_var.detach().to(dtype).reshape(batch, -1)  # (B, Z)
-        # judged only where log_var is inside the loss library's clamp range [-30, 20]:
-        # there a clamped KL (mtx's own) and an unclamped one (most users') agree, while
-        # outside it a diverging run's KL would be called wrong by one or the other
-        analytic = (0.5 * (mu2.pow(2) + lv2.exp() - 1.0 - lv2)).sum(1).mean()
-        inside = ((lv2 >= LOG_VAR_MIN) & (lv2 <= LOG_VAR_MAX)).all()
-        analytic = torch.where(inside, analytic, analytic.new_tensor(math.nan))
         terms = {n: t for n, t in result.get("terms", {}).items() if "/" not in n}
         weights = result.get("weights", {})
         name = self._kl_of(terms)
-        nan = analytic.new_tensor(math.nan)
-        term = total = rest = nan
         given = math.nan
+        scalars: list[torch.Tensor] = []
+        others: list[float] = []  # the other terms' weights, in the order of scalars[2:]
         if name:
             self.kl_term = name
-            term = terms[name].detach().to(dtype).reshape(())
             given = float(weights.get(name, 1.0))
             if result.get("total_given"):
-                total = result["loss"].detach().to(dtype).reshape(())
-                rest = total.new_zeros(())
+                scalars = [terms[name].detach().reshape(()), result["loss"].detach().reshape(())]
                 for other, t in terms.items():
                     if other != name:
-                        rest = rest + float(weights.get(other, 1.0)) * t.detach().to(dtype)
+                        scalars.append(t.detach().reshape(()))
+                        others.append(float(weights.get(other, 1.0)))
+            else:
+                scalars = [terms[name].detach().reshape(())]
         declared = math.nan
         if self.beta_schedule is not None:
             declared = float(self.beta_schedule(step))
-        values = torch.stack([analytic, term, total, rest])  # (4,)
-        self._pending.append((self.seen, step, batch, mu2.shape[1], declared, given, values))
+        mu2 = mu.detach().reshape(batch, -1)  # (B, Z)
+        lv2 = log_var.detach().reshape(batch, -1)  # (B, Z)
+        self._pending.append(
+            (self.seen, step, batch, mu2.shape[1], declared, given, mu2, lv2, scalars, others)
+        )
         self.seen += 1
         if len(self._pending) >= _FLUSH_EVERY:
             self.flush()
 
+    @torch.no_grad()
     def flush(self) -> None:
+        """Measure the waiting steps together: their rows' analytic KL in one pass per
+        latent size, every scalar in one host copy."""
         if not self._pending:
             return
-        host = torch.stack([p[-1] for p in self._pending]).cpu().tolist()  # one copy
-        for (index, step, batch, dim, declared, given, _), values in zip(
-            self._pending, host, strict=True
-        ):
-            analytic, term, total, rest = values
+        pending, self._pending = self._pending, []
+        device = pending[0][6].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no f64
+        analytic: list[float] = [math.nan] * len(pending)
+        by_dim: dict[int, list[int]] = {}
+        for k, entry in enumerate(pending):
+            by_dim.setdefault(entry[3], []).append(k)
+        parts: list[torch.Tensor] = []
+        for members in by_dim.values():
+            mu = torch.cat([pending[k][6].to(device, dtype) for k in members])  # (N, Z)
+            lv = torch.cat([pending[k][7].to(device, dtype) for k in members])
+            sizes = torch.tensor([pending[k][2] for k in members], device=device)
+            ids = torch.repeat_interleave(torch.arange(len(members), device=device), sizes)
+            rows = (0.5 * (mu.pow(2) + lv.exp() - 1.0 - lv)).sum(1)  # (N,) KL per row
+            # judged only where log_var is inside the loss library's clamp range [-30, 20]:
+            # there a clamped KL (mtx's own) and an unclamped one (most users') agree,
+            # while outside it a diverging run's KL would be called wrong by one or the other
+            outside = ((lv < LOG_VAR_MIN) | (lv > LOG_VAR_MAX)).any(1).to(dtype)
+            zeros = torch.zeros(len(members), dtype=dtype, device=device)
+            mean = zeros.index_add(0, ids, rows) / sizes.to(dtype)
+            bad = zeros.index_add(0, ids, outside)
+            parts.append(torch.where(bad == 0, mean, torch.full_like(mean, math.nan)))
+        scalars = [t.to(device, dtype) for entry in pending for t in entry[8]]
+        host = torch.cat([*parts, torch.stack(scalars) if scalars else parts[0][:0]])
+        values = host.cpu().tolist()  # the one host copy
+        at = 0
+        for members in by_dim.values():
+            for k in members:
+                analytic[k] = values[at]
+                at += 1
+        for k, (index, step, batch, dim, declared, given, _, _, own, others) in enumerate(pending):
+            numbers = values[at : at + len(own)]
+            at += len(own)
+            term = numbers[0] if numbers else math.nan
             weight = given
+            total = numbers[1] if len(numbers) >= 2 else math.nan
             if math.isfinite(total):
+                rest = 0.0
+                for w, t in zip(others, numbers[2:], strict=True):
+                    rest = rest + w * t
                 self.weight_source = "total"
                 measurable = abs(term) >= _KL_SHARE_MEASURABLE * abs(total) and term != 0.0
                 weight = (total - rest) / term if measurable and math.isfinite(rest) else math.nan
             elif math.isfinite(given):
                 self.weight_source = self.weight_source or "weights"
-            record = VaeStep(step, analytic, term, batch, dim, weight, declared, given)
+            record = VaeStep(step, analytic[k], term, batch, dim, weight, declared, given)
             self.last = record
             if index % self.stride == 0:
                 self.steps.append(record)
                 if len(self.steps) > VAE_MAX_STEPS:
                     self.steps = self.steps[::2]
                     self.stride *= 2
-        self._pending.clear()
 
     def evidence(self) -> VaeEvidence:
         self.flush()
@@ -572,6 +609,8 @@ class Doctor:
         self._derive: tuple[tuple[str, ...], str] | None = None  # (terms, the one derived)
         self.derive_problem = "no attribution was checked yet"  # why none is derived
         self._since_check = 0  # derived attributions since the last full one
+        self._incoming: list[torch.Tensor | None] = []  # the total's gradient, per parameter
+        self._incoming_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     # ---- lifecycle: the gradient hooks live between attach() and close() ----
     def attach(self) -> Doctor:
@@ -751,19 +790,42 @@ class Doctor:
         if self._derive is not None and self._derive[0] == tuple(terms):
             if self._since_check < DERIVE_CHECK_EVERY - 1:
                 derive = self._derive[1]
-        pending = begin_attribution(terms, weights, self.model, derive, method, total_of)
+        pending = begin_attribution(
+            terms, weights, self.model, derive, method, total_of, grads_before=False
+        )
         self._since_check = self._since_check + 1 if derive is not None else 0
         self._pending = (pending, term_values, self.steps)
+        # the total's own gradient, as it flows into each parameter (before accumulation:
+        # a loop may zero .grad after this step() or accumulate micro-batches in it)
+        self._incoming = [None] * len(pending.params)
+        self._incoming_hooks = [
+            p.register_hook(self._incoming_hook(j)) for j, p in enumerate(pending.params)
+        ]
         self.hooks.on_pass_end = self._complete
+
+    def _incoming_hook(self, j: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            seen = self._incoming[j]
+            self._incoming[j] = grad.detach() if seen is None else seen + grad.detach()
+
+        return hook
+
+    def _remove_incoming(self) -> list[torch.Tensor | None]:
+        for handle in self._incoming_hooks:
+            handle.remove()
+        self._incoming_hooks = []
+        incoming, self._incoming = self._incoming, []
+        return incoming
 
     def _complete(self, grads: list[torch.Tensor | None]) -> None:
         """At the end of the backward after an attribution: the total's gradient is in."""
         self.hooks.on_pass_end = None
+        incoming = self._remove_incoming()
         if self._pending is None:
             return
         pending, term_values, step = self._pending
         self._pending = None
-        attribution, residual = complete_attribution(pending, grads)
+        attribution, residual = complete_attribution(pending, incoming)
         self.attributions.append(replace(attribution, step=step))
         self.term_values.append(term_values)
         if pending.derived >= 0:
@@ -786,6 +848,7 @@ class Doctor:
         pending, term_values, step = self._pending
         self._pending = None
         self.hooks.on_pass_end = None
+        self._remove_incoming()
         self._derive = None
         self.derive_problem = "no backward of the total followed Doctor.step"
         if pending.derived < 0:

@@ -867,18 +867,38 @@ class GradientHooks:
         present = sorted(self._current)
         grads = [self._current.get(i) for i in range(len(self._named))]
         params = [p for _, p in self._named]
-        block = _stat_block(params, grads, self.detail)  # (P, _COLUMNS)
-        _count_non_finite_on_device(block, grads)
+        block = self._norms_only(params, grads) if self.detail == "norm" else None
+        if block is None:
+            block = _stat_block(params, grads, self.detail)  # (P, _COLUMNS)
+            _count_non_finite_on_device(block, grads)
         layout = self._layouts(self.model, self._named)
         self._unread.append((present, block, layout, self.detail))
         self._current = {}
         if self.on_pass_end is not None:
             self.on_pass_end(grads)
 
+    @staticmethod
+    @torch.no_grad()
+    def _norms_only(params: Sequence[Tensor], grads: list[Tensor | None]) -> Tensor | None:
+        """``detail="norm"`` on a CPU with every gradient present and finite: the (P,)
+        squared norms alone (one ``dot`` each and one read), expanded into the block only
+        when the history is read. None otherwise (the general path then counts NaN/Inf)."""
+        if not grads or any(g is None or g.device.type != "cpu" for g in grads):
+            return None
+        flats = [g.reshape(-1) for g in grads if g is not None]
+        if any(f.dtype not in (torch.float32, torch.float64) for f in flats):
+            return None
+        squares = _column([torch.dot(f, f) for f in flats], torch.float64)  # (P,)
+        return squares if math.isfinite(float(squares.sum())) else None
+
     def _materialise(self) -> None:
         device = self._unread[0][1].device
         dtype = torch.float64 if device.type != "mps" else torch.float32
-        blocks = [block.to(device=device, dtype=dtype) for _, block, _, _ in self._unread]
+        blocks = [
+            _block({_SQ_SUM: b}, b.shape[0], b.dtype, b.device) if b.dim() == 1 else b
+            for _, b, _, _ in self._unread
+        ]
+        blocks = [block.to(device=device, dtype=dtype) for block in blocks]
         rows = torch.cat(blocks).cpu().tolist()  # the one host copy for all pending passes
         per_pass = len(self._named)
         for k, (present, _, layout, detail) in enumerate(self._unread):

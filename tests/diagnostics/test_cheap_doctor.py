@@ -138,7 +138,13 @@ def test_a_derived_term_with_no_gradient_reads_exactly_zero() -> None:
     assert att.norm["flat"] == 0.0 and "flat" in att.zero_gradient
 
 
-def doctor_loop(steps: int, scale: float = 1.0, backward: bool = True, **kwargs: object):  # type: ignore[no-untyped-def]
+def doctor_loop(
+    steps: int,
+    scale: float = 1.0,
+    backward: bool = True,
+    zero: str = "before",
+    **kwargs: object,
+):  # type: ignore[no-untyped-def]
     """A user's loop; per step the reference per-term gradients of the same graph."""
     torch.manual_seed(5)
     model, x = TinyVAE(), torch.randn(32, 6)
@@ -147,12 +153,15 @@ def doctor_loop(steps: int, scale: float = 1.0, backward: bool = True, **kwargs:
     refs = []
     with Doctor(model, **kwargs) as doctor:  # type: ignore[arg-type]
         for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
+            if zero == "before":
+                optimizer.zero_grad(set_to_none=True)
             out = model(x)
             terms = three_terms(out, x)
             total = sum(WEIGHTS[n] * t for n, t in terms.items())
             refs.append(reference(terms, params))
             doctor.step(out, {"loss": total, **terms}, x, weights=WEIGHTS)
+            if zero == "after-step":  # pytorch/examples-style order: zero_grad after forward
+                optimizer.zero_grad(set_to_none=True)
             if backward:
                 (scale * total).backward()
                 optimizer.step()
@@ -166,6 +175,16 @@ def test_the_doctor_derives_one_term_after_checking_the_identity() -> None:
     # 9th checks again (every 8th); the largest term that reaches everything is derived
     assert derived[0] is None and derived[8] is None
     assert set(derived[1:8]) == {"recon"} and derived[9] == "recon"
+    for att, ref in zip(doctor.attributions, refs, strict=True):
+        assert_matches(att, ref)
+
+
+@pytest.mark.parametrize("zero", ["after-step", "never"])
+def test_derivation_reads_the_backward_s_own_gradient(zero: str) -> None:
+    """.grad zeroed between Doctor.step and backward, or never zeroed (accumulating):
+    the derived term still equals its own autograd.grad."""
+    doctor, refs = doctor_loop(10, zero=zero, attribute_every=1)
+    assert [a.derived for a in doctor.attributions].count("recon") == 8
     for att, ref in zip(doctor.attributions, refs, strict=True):
         assert_matches(att, ref)
 
