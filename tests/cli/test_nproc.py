@@ -123,3 +123,24 @@ def test_bad_input_is_one_line_and_exit_2(args, says):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_public_vae_with_its_own_loss_is_healthy_on_two_ranks(tmp_path: Path) -> None:
+    """pytorch/examples' VAE and loss (tests/public_vaes.py, as written there) on
+    scikit-learn's bundled digits in [0, 1]: no warning on two ranks, as on one."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    data = tmp_path / "digits.npy"
+    np.save(data, (load_digits().data / 16.0).astype(np.float32)[:512])
+    public = Path(__file__).resolve().parents[1] / "public_vaes.py"
+    proc, report = run(
+        tmp_path,
+        "--model", f"{public}:VAE", "--loss", f"{public}:loss_function",
+        "--data", str(data), "--epochs", "3", "--batch-size", "64",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    bad = [(f["code"], f["severity"]) for f in report["findings"] if f["severity"] != "info"]
+    assert bad == []
+    assert [r["rank"] for r in report["ranks"]] == [0, 1]
+    assert [p["name"] for p in report["parameters"]][:2] == ["fc1.weight", "fc1.bias"]
