@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import socket
 import sys
 import time
 import warnings
@@ -62,6 +61,7 @@ from meaning_transform.diagnostics.distributed import RankMonitor  # noqa: E402
 from meaning_transform.diagnostics.doctor import Doctor  # noqa: E402
 from meaning_transform.losses import CombinedLoss  # noqa: E402
 from meaning_transform.model import MeaningVAE  # noqa: E402
+from meaning_transform.studies.distributed import free_port  # noqa: E402
 
 INPUT_DIM, LATENT_DIM, HIDDEN, BATCH = 784, 32, (512, 256), 256
 WORLD = 2
@@ -176,12 +176,6 @@ def worker(rank: int, port: int, out_dir: str, rounds: int, block: int, warmup: 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch(out_dir: Path, rounds: int, block: int, warmup: int, timeout: float) -> list[Any]:

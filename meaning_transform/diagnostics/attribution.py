@@ -400,11 +400,7 @@ def complete_attribution(
     if grads is None:
         if pending.derived >= 0:
             raise ValueError("a derived term needs the total's gradient: pass grads")
-        attribution = _attribution(
-            names, w, pending.total_of, pending.connected, pending.per_term, pending.params,
-            pending.method, pending.fallback_reason, None,
-        )  # fmt: skip
-        return attribution, math.nan
+        return _finished(pending, pending.per_term, None), math.nan
     if len(grads) != len(pending.params):
         raise ValueError(f"expected {len(pending.params)} gradients, got {len(grads)}")
     weights = [w[names[i]] if names[i] in pending.total_of else 0.0 for i in pending.connected]
@@ -415,11 +411,7 @@ def complete_attribution(
             (t if s is None else t - s) if t is not None else s
             for t, s in zip(totals, sums, strict=True)
         ]
-        attribution = _attribution(
-            names, w, pending.total_of, pending.connected, pending.per_term, pending.params,
-            pending.method, pending.fallback_reason, None,
-        )  # fmt: skip
-        return attribution, _relative(diff, totals)
+        return _finished(pending, pending.per_term, None), _relative(diff, totals)
     d, wd = pending.derived, weights[pending.derived]
     derived: list[Tensor | None] = []
     for j, t in enumerate(totals):  # g_d = (g - sum over the others of w_i g_i) / w_d
@@ -438,18 +430,19 @@ def complete_attribution(
     per_term = list(pending.per_term)
     per_term[d] = derived
     name = names[pending.connected[d]]
-    attribution = _attribution(
-        names, w, pending.total_of, pending.connected, per_term, pending.params,
-        pending.method, pending.fallback_reason, name,
-    )  # fmt: skip
+    attribution = _finished(pending, per_term, name)
     largest = max([attribution.total_norm, *attribution.weighted_norm.values()])
     if 0.0 < attribution.weighted_norm[name] <= DERIVED_ZERO * largest:
         per_term[d] = [None if g is None else torch.zeros_like(g) for g in derived]
-        attribution = _attribution(
-            names, w, pending.total_of, pending.connected, per_term, pending.params,
-            pending.method, pending.fallback_reason, name,
-        )  # fmt: skip
+        attribution = _finished(pending, per_term, name)
     return attribution, math.nan
+
+
+def _finished(pending: PendingAttribution, per_term: PerTerm, derived: str | None) -> Attribution:
+    return _attribution(
+        pending.names, pending.weights, pending.total_of, pending.connected, per_term,
+        pending.params, pending.method, pending.fallback_reason, derived,
+    )  # fmt: skip
 
 
 # float32 rounding of a sum of K gradients: ~K * 6e-8 of the largest one, elementwise; a

@@ -19,8 +19,8 @@ every parameter's gradient norm; on the steps of its schedule
 (:mod:`~meaning_transform.diagnostics.schedule`: 0, 1, 2, 4, 8, ... and every 256th) the
 full gradient statistics and the per-term gradient attribution. The gradient statistics
 come from post-accumulate-grad hooks during ``backward``. At the end, given data, it
-measures latent health and dead ReLU units. With its defaults it costs about 1.0x a plain
-training step (README, "Speed").
+measures latent health and dead ReLU units. What each setting costs: README, "Speed"
+(the defaults: about 1.2x a run without the Doctor on the benchmark's MLP VAE).
 """
 
 from __future__ import annotations
@@ -456,8 +456,10 @@ _PART_STATE: dict[str, tuple[str, ...]] = {
 # of the norm (measured: 4e-7 on the benchmark's MLP VAE); a loss scaled for gradient
 # accumulation or AMP, or a total with more in it than its terms, misses by far more.
 DERIVE_RESIDUAL = 1e-4
-DEFAULT_SCHEDULE = Schedule()
 DERIVE_CHECK_EVERY = 8  # every 8th attribution has every term's own pass, to check again
+
+
+DEFAULT_SCHEDULE = Schedule()
 
 
 def _distributed() -> bool:
@@ -760,7 +762,7 @@ class Doctor:
                 continue
             if not torch.isfinite(t.detach()).all():
                 finite = False  # the non-finite rules report this step; no attribution
-                if self.ranks is None:
+                if not _distributed():  # under DDP the passes are still taken (below)
                     return
             terms[name] = t
             # a sub-term "semantic/role" enters the total through its parent's weight
@@ -817,7 +819,7 @@ class Doctor:
         incoming, self._incoming = self._incoming, []
         return incoming
 
-    def _complete(self, grads: list[torch.Tensor | None]) -> None:
+    def _complete(self) -> None:
         """At the end of the backward after an attribution: the total's gradient is in."""
         self.hooks.on_pass_end = None
         incoming = self._remove_incoming()

@@ -793,8 +793,8 @@ class GradientHooks:
         self._current: dict[int, Tensor] = {}  # param index -> its .grad in this backward
         # closed passes: (present, block, the layout their gradients had, detail)
         self._unread: list[tuple[list[int], Tensor, _Layout, str]] = []
-        # called with every parameter's .grad (None: not written) when a pass ends
-        self.on_pass_end: Callable[[list[Tensor | None]], None] | None = None
+        # called when a backward pass ends, after its statistics are taken
+        self.on_pass_end: Callable[[], None] | None = None
         self._history: list[GradientSnapshot] = []
         self._callback_queued = False
         self.set_example_input(example_input)
@@ -875,7 +875,7 @@ class GradientHooks:
         self._unread.append((present, block, layout, self.detail))
         self._current = {}
         if self.on_pass_end is not None:
-            self.on_pass_end(grads)
+            self.on_pass_end()
 
     @staticmethod
     @torch.no_grad()
@@ -883,12 +883,10 @@ class GradientHooks:
         """``detail="norm"`` on a CPU with every gradient present and finite: the (P,)
         squared norms alone (one ``dot`` each and one read), expanded into the block only
         when the history is read. None otherwise (the general path then counts NaN/Inf)."""
-        if not grads or any(g is None or g.device.type != "cpu" for g in grads):
+        present = [g for g in grads if g is not None and g.device.type == "cpu"]
+        if not present or len(present) != len(grads):
             return None
-        flats = [g.reshape(-1) for g in grads if g is not None]
-        if any(f.dtype not in (torch.float32, torch.float64) for f in flats):
-            return None
-        squares = _column([torch.dot(f, f) for f in flats], torch.float64)  # (P,)
+        squares = _grad_columns(present, params, "norm")[_SQ_SUM]  # (P,)
         return squares if math.isfinite(float(squares.sum())) else None
 
     def _materialise(self) -> None:

@@ -594,7 +594,7 @@ def _spans(ev: RunEvidence) -> list[float]:
     steps = [a.step for a in ev.attributions]
     if not steps or any(s is None for s in steps):
         return [1.0] * len(steps)
-    known = [int(s) for s in steps if s is not None]
+    known = [int(s) for s in steps if s is not None]  # all of them, for the type checker
     end = max(len(ev.step_losses), known[-1] + 1)
     return [float(max(b - a, 1)) for a, b in zip(known, [*known[1:], end], strict=True)]
 
@@ -646,10 +646,10 @@ def grad_conflict(ev: RunEvidence) -> list[Finding]:
         return []
     found = []
     names = _main_terms(ev.attributions[-1])
+    spans = _spans(ev)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             cos = [att.cosine.get(a, {}).get(b, 0.0) for att in ev.attributions]
-            spans = _spans(ev)
             share = _weighted_mean([float(c < 0) for c in cos], spans)
             mean_cos = _weighted_mean(cos, spans)
             if share < CONFLICT_SHARE or mean_cos >= CONFLICT_INFO:

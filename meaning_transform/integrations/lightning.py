@@ -70,7 +70,7 @@ class DoctorCallback(Callback):
     1024 input rows seen in training), printed once on rank 0, kept in :attr:`findings`
     and written to ``report_path`` as JSON (replacing the file).
 
-    Under DDP (``strategy="ddp"``, ``"ddp_spawn"``; tests/integrations/test_lightning_ddp.py
+    Under DDP (``strategy="ddp"``; tests/integrations/test_lightning_ddp.py
     runs the real ``"ddp"`` launcher on 2 CPU ranks) every rank runs its own Doctor, which
     gathers the ranks' evidence once per step at the end of the backward, so every rank
     must record every step. :attr:`findings` on each rank holds that rank's own findings

@@ -186,12 +186,12 @@ class Pipeline:
             schedule=EVERY_STEP,  # a diagnostic run: every gradient statistic, every step
             beta_schedule=beta_schedule,
             beta_max=beta_max,
+            # the DistributedSampler reshuffles every epoch (set_epoch), so a repeated
+            # batch order is a fault (rank-data-repeats); the monitor is told each epoch
+            shuffle_expected=parallel is not None,
         )
         on_epoch = self.tick()
         if doctor.ranks is not None:
-            # the DistributedSampler reshuffles every epoch (set_epoch), so a repeated
-            # batch order is a fault (rank-data-repeats); the monitor is told each epoch
-            doctor.ranks.shuffle_expected = True
             on_epoch = _also_ending_rank_epochs(doctor.ranks, on_epoch)
         with doctor:
             if on_attach is not None:

@@ -12,7 +12,6 @@ import dataclasses
 import datetime
 import json
 import math
-import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,17 +29,12 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from meaning_transform.diagnostics.distributed import RankMonitor, rank_not_checked
 from meaning_transform.diagnostics.doctor import Doctor
 from meaning_transform.model import MeaningVAE
+from meaning_transform.studies.distributed import free_port
 
 N_SAMPLES = 512  # 256 per rank: 16 steps of 16 per epoch
 BATCH = 16
 NAN_STEP = 5  # the step at which rank 1's batch gets a NaN
 INPUT_SCALE = 30.0  # rank 1's inputs in the scaled-input fault (digits in [0, 30])
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch(

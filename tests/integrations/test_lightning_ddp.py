@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from meaning_transform.integrations import lightning as mtx_lightning  # noqa: E402
 from meaning_transform.model import MeaningVAE  # noqa: E402
+from meaning_transform.studies.distributed import free_port  # noqa: E402
 
 N, BATCH, EPOCHS = 256, 16, 2  # 128 rows per rank: 8 steps per epoch
 STEPS_PER_EPOCH = N // 2 // BATCH
@@ -140,17 +140,11 @@ def main(argv: list[str]) -> None:
 
 
 # ---- the test side ----
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """Run every scenario in one launch of 2 ranks; (stdout, the results' directory)."""
     out = tmp_path_factory.mktemp("lightning-ddp")
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GROUP_RANK"):
         env.pop(key, None)  # a launcher's variables would make this process a child
     proc = subprocess.Popen(
