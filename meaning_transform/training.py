@@ -193,6 +193,11 @@ def _cut(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
+def reports_components(result: Mapping[str, Any]) -> bool:
+    """Whether a loss result is a CombinedLoss one, reporting its floored components."""
+    return all(key in result for key in _RESULT_KEYS.values())
+
+
 def term_values(result: Mapping[str, Any]) -> dict[str, float]:
     """The unweighted value of each main term of one step's loss result, on the host.
 
@@ -201,7 +206,7 @@ def term_values(result: Mapping[str, Any]) -> dict[str, float]:
     :class:`~meaning_transform.adapters.LossStep`) gives its terms under its own names.
     Sub-terms (``"semantic/role"``) are attribution's business, not the epoch's.
     """
-    if all(key in result for key in _RESULT_KEYS.values()):
+    if reports_components(result):
         return {name: float(result[key]) for name, key in _RESULT_KEYS.items()}
     terms = {n: t for n, t in result.get("terms", {}).items() if "/" not in n}
     if not terms:

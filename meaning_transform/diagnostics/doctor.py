@@ -61,7 +61,7 @@ from meaning_transform.diagnostics.gradients import (
 from meaning_transform.diagnostics.history import EpochHistory
 from meaning_transform.diagnostics.latent import LatentHealth, measure_latent
 from meaning_transform.diagnostics.nan_guard import NanGuard, NanOrigin
-from meaning_transform.diagnostics.noise import NoiseRecorder
+from meaning_transform.diagnostics.noise import NoiseRecorder, noise_due
 from meaning_transform.diagnostics.rules import (
     RunEvidence,
     _is_kl,
@@ -69,7 +69,7 @@ from meaning_transform.diagnostics.rules import (
     noise_verdict,
     not_checked,
 )
-from meaning_transform.diagnostics.schedule import Schedule
+from meaning_transform.diagnostics.schedule import ATTRIBUTION_SCHEDULE, Schedule
 from meaning_transform.diagnostics.vae_checks import VaeEvidence, VaeStep, vae_not_checked
 from meaning_transform.losses.kl import LOG_VAR_MAX, LOG_VAR_MIN
 from meaning_transform.training import EpochRecord
@@ -114,17 +114,34 @@ def _loss_dict(loss: object, weights: Mapping[str, float] | None) -> Mapping[str
     }
 
 
-def _unexplained(result: Mapping[str, Any]) -> float:
-    """``|total - sum(w * term)| / |total|`` over the main terms, one host copy."""
-    terms = {n: t for n, t in result["terms"].items() if "/" not in n}
-    weights = result.get("weights", {})
-    values = torch.stack(
-        [result["loss"].detach().double().reshape(())]
-        + [t.detach().double().reshape(()) for t in terms.values()]
-    ).tolist()
-    total, *parts = values
-    explained = sum(float(weights.get(n, 1.0)) * v for n, v in zip(terms, parts, strict=True))
+def _unexplained(total: float, main: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """``|total - sum(w * term)| / |total|`` over the main terms' host values."""
+    explained = sum(float(weights.get(n, 1.0)) * v for n, v in main.items())
     return abs(total - explained) / max(abs(total), 1e-12)
+
+
+def _step_values(
+    result: Mapping[str, Any], x: torch.Tensor | None
+) -> tuple[float, dict[str, float], float]:
+    """The step's total, every term (sub-terms too) and the batch's sum, in one host read.
+
+    The sum of ``x`` is finite exactly when every entry is (a NaN or Inf makes it
+    non-finite; a float32 batch summing past 3e38 is counted exactly and found finite).
+    """
+    terms = result.get("terms", {})
+    scalars = [result["loss"].detach().reshape(())]
+    scalars.extend(t.detach().reshape(()) for t in terms.values())
+    with_x = x is not None and x.is_floating_point() and x.numel() > 0
+    if with_x:
+        assert x is not None
+        scalars.append(x.detach().sum().reshape(()))
+    try:
+        values = torch.stack(scalars).tolist()  # the one read (promotes mixed float dtypes)
+    except RuntimeError:  # scalars on different devices
+        values = [float(t) for t in scalars]
+    x_sum = values.pop() if with_x else 0.0
+    total, *rest = values
+    return total, dict(zip(terms, rest, strict=True)), x_sum
 
 
 # The names the two most common public VAEs (pytorch/examples, AntixK) and their
@@ -209,6 +226,9 @@ class _ReparamTap:
         return z
 
 
+# the analytic KL of every step of the first VAE_DENSE, then of every VAE_EVERY-th and
+# of the latest: the KL audit and the beta measurement pool over steps
+VAE_DENSE, VAE_EVERY = 16, 8
 VAE_MAX_STEPS = 512  # VaeStep records kept; beyond it every other one is dropped
 _FLUSH_EVERY = 64  # steps whose values wait on the device before one host copy
 # The KL weight is measured as (total - other terms) / KL term only when the KL term is
@@ -217,11 +237,19 @@ _FLUSH_EVERY = 64  # steps whose values wait on the device before one host copy
 _KL_SHARE_MEASURABLE = 1e-4
 
 
+_VaeEntry = tuple[
+    int, int, int, int, float, float, torch.Tensor, torch.Tensor,
+    float, float, list[tuple[float, float]],
+]  # fmt: skip
+
+
 class _VaeRecorder:
     """Per step: the analytic KL, the loss's KL term, its weight and the declared β.
 
-    Values wait on the device and are copied to the host in batches; the kept steps
-    are thinned to at most :data:`VAE_MAX_STEPS`, evenly spaced, plus the latest one.
+    Measured on every step of the first :data:`VAE_DENSE`, then on every
+    :data:`VAE_EVERY`-th and on the latest step, ``mu`` and ``log_var`` waiting on the
+    device to be measured in batches; the kept steps are thinned to at most
+    :data:`VAE_MAX_STEPS`, evenly spaced, plus the latest one.
     """
 
     def __init__(
@@ -240,14 +268,11 @@ class _VaeRecorder:
         self.stride = 1
         self.steps: list[VaeStep] = []
         self.last: VaeStep | None = None
-        # (index among recorded steps, step, B, Z, declared β, weight given, mu, log_var,
-        # the KL term, total and other terms (detached), the other terms' weights)
-        self._pending: list[
-            tuple[
-                int, int, int, int, float, float, torch.Tensor, torch.Tensor,
-                list[torch.Tensor], list[float],
-            ]
-        ] = []  # fmt: skip
+        self.measured = 0  # steps whose analytic KL was taken
+        # (index among measured steps, step, B, Z, declared β, weight given, mu, log_var,
+        # the KL term's value, the total (NaN: not given), the other terms' (weight, value))
+        self._pending: list[_VaeEntry] = []
+        self._latest: _VaeEntry | None = None  # the latest step off the cadence
 
     def _kl_of(self, terms: Mapping[str, torch.Tensor]) -> str:
         """The KL term's name ("" when none, with ``problem`` saying why)."""
@@ -278,46 +303,60 @@ class _VaeRecorder:
         return ""
 
     def record(
-        self, step: int, roles: Mapping[str, torch.Tensor], result: Mapping[str, Any]
+        self,
+        step: int,
+        roles: Mapping[str, torch.Tensor],
+        result: Mapping[str, Any],
+        total: float,
+        main: Mapping[str, float],
     ) -> None:
-        """Keep the step's mu, log_var and KL-term scalars (detached) until :meth:`flush`."""
+        """Keep the step's mu, log_var (detached) and KL-term values until :meth:`flush`.
+
+        ``total`` and ``main`` are the step's total and main terms on the host.
+        """
         mu, log_var = roles.get("mu"), roles.get("log_var")
         if mu is None or log_var is None or mu.shape != log_var.shape or mu.numel() == 0:
             return
+        seen = self.seen
+        self.seen += 1
         batch = int(mu.shape[0]) if mu.dim() >= 2 else 1
-        terms = {n: t for n, t in result.get("terms", {}).items() if "/" not in n}
         weights = result.get("weights", {})
-        name = self._kl_of(terms)
-        given = math.nan
-        scalars: list[torch.Tensor] = []
-        others: list[float] = []  # the other terms' weights, in the order of scalars[2:]
+        name = self._kl_of(main)
+        given = term = given_total = math.nan
+        others: list[tuple[float, float]] = []  # the other terms' (weight, value)
         if name:
             self.kl_term = name
             given = float(weights.get(name, 1.0))
+            term = main[name]
             if result.get("total_given"):
-                scalars = [terms[name].detach().reshape(()), result["loss"].detach().reshape(())]
-                for other, t in terms.items():
-                    if other != name:
-                        scalars.append(t.detach().reshape(()))
-                        others.append(float(weights.get(other, 1.0)))
-            else:
-                scalars = [terms[name].detach().reshape(())]
+                given_total = total
+                others = [(float(weights.get(o, 1.0)), v) for o, v in main.items() if o != name]
         declared = math.nan
         if self.beta_schedule is not None:
             declared = float(self.beta_schedule(step))
         mu2 = mu.detach().reshape(batch, -1)  # (B, Z)
         lv2 = log_var.detach().reshape(batch, -1)  # (B, Z)
-        self._pending.append(
-            (self.seen, step, batch, mu2.shape[1], declared, given, mu2, lv2, scalars, others)
-        )
-        self.seen += 1
+        entry = (
+            self.measured, step, batch, mu2.shape[1], declared, given, mu2, lv2, term,
+            given_total, others,
+        )  # fmt: skip
+        if seen >= VAE_DENSE and seen % VAE_EVERY:
+            self._latest = entry  # measured only if it stays the latest
+            return
+        self._latest = None
+        self._pending.append(entry)
+        self.measured += 1
         if len(self._pending) >= _FLUSH_EVERY:
             self.flush()
 
     @torch.no_grad()
-    def flush(self) -> None:
+    def flush(self, latest: bool = False) -> None:
         """Measure the waiting steps together: their rows' analytic KL in one pass per
-        latent size, every scalar in one host copy."""
+        latent size and one host copy (``latest``: also the latest step off the cadence)."""
+        if latest and self._latest is not None:
+            self._pending.append(self._latest)
+            self.measured += 1
+            self._latest = None
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -342,23 +381,18 @@ class _VaeRecorder:
             mean = zeros.index_add(0, ids, rows) / sizes.to(dtype)
             bad = zeros.index_add(0, ids, outside)
             parts.append(torch.where(bad == 0, mean, torch.full_like(mean, math.nan)))
-        scalars = [t.to(device, dtype) for entry in pending for t in entry[8]]
-        host = torch.cat([*parts, torch.stack(scalars) if scalars else parts[0][:0]])
-        values = host.cpu().tolist()  # the one host copy
+        values = torch.cat(parts).cpu().tolist()  # the one host copy
         at = 0
         for members in by_dim.values():
             for k in members:
                 analytic[k] = values[at]
                 at += 1
-        for k, (index, step, batch, dim, declared, given, _, _, own, others) in enumerate(pending):
-            numbers = values[at : at + len(own)]
-            at += len(own)
-            term = numbers[0] if numbers else math.nan
+        for k, entry in enumerate(pending):
+            index, step, batch, dim, declared, given, _, _, term, total, others = entry
             weight = given
-            total = numbers[1] if len(numbers) >= 2 else math.nan
             if math.isfinite(total):
                 rest = 0.0
-                for w, t in zip(others, numbers[2:], strict=True):
+                for w, t in others:
                     rest = rest + w * t
                 self.weight_source = "total"
                 measurable = abs(term) >= _KL_SHARE_MEASURABLE * abs(total) and term != 0.0
@@ -374,7 +408,7 @@ class _VaeRecorder:
                     self.stride *= 2
 
     def evidence(self) -> VaeEvidence:
-        self.flush()
+        self.flush(latest=True)
         steps = list(self.steps)
         if self.last is not None and (not steps or steps[-1].step != self.last.step):
             steps.append(self.last)
@@ -442,12 +476,14 @@ def _decode(value: Any) -> Any:
 _DOCTOR_STATE = (
     "attributions", "term_values", "input_non_finite", "reduction", "steps", "_epoch_start",
     "detached_terms", "unexplained", "batch_size", "step_losses", "step_batch_sizes", "latent",
-    "nan_first", "_nan_passes",
+    "nan_first", "_nan_passes", "_train_steps",
 )  # fmt: skip
 _PART_STATE: dict[str, tuple[str, ...]] = {
     "noise": ("steps", "pairs", "repeated", "probed", "dropped", "scale_steps", "_last"),
     "history": ("records", "_sums", "_weights", "_totals", "_floors", "_events", "_beta"),
-    "vae": ("kl_term", "problem", "weight_source", "seen", "stride", "steps", "last"),
+    "vae": (
+        "kl_term", "problem", "weight_source", "seen", "stride", "steps", "last", "measured"
+    ),
 }
 
 
@@ -598,12 +634,12 @@ class Doctor:
         self.unexplained: list[float] = []  # per step, for a loss giving total and terms
         self.batch_size = 0  # of the latest step's batch
         self.step_losses: list[float] = []  # the total of every step (NaN kept)
-        self._pending_losses: list[torch.Tensor] = []  # copied to the host in batches
+        self._last_values: tuple[float, dict[str, float]] | None = None  # (total, terms)
+        self._train_steps = 0  # training-mode steps, for the noise cadence
         self.step_batch_sizes: list[int] = []  # the batch size of every step (0: unknown)
         self.vae = _VaeRecorder(beta_schedule, beta_max, kl_term)
         self.reparameterize = _ReparamTap(model)  # z for a model that returns none
         self.latent: LatentHealth | None = None  # the latest measured (findings or metrics)
-        self._last_terms: dict[str, torch.Tensor] = {}  # the latest step's terms, detached
         self.nan_guard = NanGuard(model) if nan_guard else None
         self._nan_passes = 0  # backward passes recorded before nan_first was found
         # the attribution waiting for the total's backward, with its step's term values
@@ -671,35 +707,42 @@ class Doctor:
             self.ranks.before_backward(main or {"loss": result["loss"]}, x)
         due = bool(self.schedule(self.steps))
         self.hooks.detail = "full" if due else "norm"  # for the backward that follows
+        total, values, x_sum = _step_values(result, x)  # the step's one host read
+        main = {n: v for n, v in values.items() if "/" not in n}
         bad_inputs = 0
         if x is not None:
             self.batch_size = int(x.shape[0])
             # a NaN/Inf makes the sum non-finite: count exactly only then (one pass, no copy)
-            if x.is_floating_point() and not math.isfinite(float(x.sum())):
+            if not math.isfinite(x_sum):
                 bad_inputs = int((~torch.isfinite(x)).sum())
             self.input_non_finite += bad_inputs
             if not self._example_input:  # forward order of layers, for first/last ratios
                 self._example_input = True
                 self.hooks.set_example_input(x[:8])
         self.reduction = dict(reduction or result.get("reduction", self.reduction))
-        self._record_noise(roles, x)
         if self.model.training:
-            self.vae.record(self.steps, roles, result)
+            if noise_due(self._train_steps):
+                self._record_noise(roles, x)
+            self._train_steps += 1
+            self.vae.record(self.steps, roles, result, total, main)
         self._drop_pending()  # the previous step's total never came back from a backward
         every = self.attribute_every
-        if due if every == "auto" else (every and self.steps % every == 0):
+        if ATTRIBUTION_SCHEDULE(self.steps) if every == "auto" else (
+            every and self.steps % every == 0
+        ):
             self._attribute(result)
-        self.history.add_step(result)
-        self._last_terms = {n: t.detach() for n, t in result.get("terms", {}).items()}
-        self._pending_losses.append(result["loss"].detach().reshape(()))
+        self.history.add_step(result, main, total)
+        self._last_values = (total, values)
+        self.step_losses.append(total)
         self.step_batch_sizes.append(int(x.shape[0]) if x is not None and x.dim() else 0)
-        if len(self._pending_losses) >= 64:
-            self._flush_losses()
-        if result.get("total_given") and result.get("terms"):
-            self.unexplained.append(_unexplained(result))
+        if result.get("total_given") and main:
+            self.unexplained.append(_unexplained(total, main, result.get("weights", {})))
         if self.nan_guard is not None and self.nan_guard.first is None:
             # last, so that its re-run of the forward cannot disturb this step's records
-            if self.nan_guard.check(self.steps, x, roles, result, bad_inputs) is not None:
+            finite = bad_inputs == 0 and math.isfinite(total)
+            finite = finite and all(math.isfinite(v) for v in values.values())
+            origin = self.nan_guard.check(self.steps, x, roles, result, bad_inputs, finite)
+            if origin is not None:
                 self._nan_passes = len(self.hooks._history) + len(self.hooks._unread)
         self.steps += 1
         if self.history.due():
@@ -857,12 +900,6 @@ class Doctor:
             self.attributions.append(replace(complete_attribution(pending, None)[0], step=step))
             self.term_values.append(term_values)
 
-    def _flush_losses(self) -> None:
-        if self._pending_losses:
-            values = torch.stack(self._pending_losses).double().cpu().tolist()
-            self.step_losses.extend(values)
-            self._pending_losses.clear()
-
     # ---- at the end ----
     def noise_changed(self) -> bool | None:
         """True when the noise was fresh, False when it repeated; None if not comparable."""
@@ -899,7 +936,7 @@ class Doctor:
             input_non_finite=self.input_non_finite,
             unexplained=tuple(self.unexplained),
             terms_detached=self.detached_terms,
-            step_losses=self._losses(),
+            step_losses=tuple(self.step_losses),
             step_batch_sizes=tuple(self.step_batch_sizes),
             vae=self.vae.evidence(),
             nan_origin=self._nan_origin(),
@@ -920,10 +957,6 @@ class Doctor:
         if self.nan_guard is None:
             return None
         return self.nan_guard.origin(self.hooks.history, self._nan_passes)
-
-    def _losses(self) -> tuple[float, ...]:
-        self._flush_losses()
-        return tuple(self.step_losses)
 
     def records(self) -> tuple[Any, ...]:
         """The Doctor's own epoch history (an open epoch is closed first)."""
@@ -990,17 +1023,12 @@ class Doctor:
         whole model's: the term's value wins.
         """
         out: dict[str, float] = {}
-        latest = self._pending_losses[-1:] + list(self._last_terms.values())
-        device = latest[0].device if latest else None
-        host = (
-            torch.stack([t.reshape(()).to(device, torch.float64) for t in latest]).tolist()
-            if latest
-            else []
-        )
-        loss = host[0] if self._pending_losses else (self.step_losses or [math.nan])[-1]
+        if self._last_values is not None:
+            loss, terms = self._last_values
+        else:  # none since a load_state_dict
+            loss, terms = (self.step_losses or [math.nan])[-1], {}
         out.update(_finite_items("mtx/", {"loss": loss}))
-        terms = host[len(self._pending_losses[-1:]) :]  # one host copy for loss and terms
-        out.update(_finite_items("mtx/term/", dict(zip(self._last_terms, terms, strict=True))))
+        out.update(_finite_items("mtx/term/", terms))
         history = self.hooks.history
         if history:
             grads = {
@@ -1010,7 +1038,7 @@ class Doctor:
             out.update(_finite_items("mtx/grad_norm/", grads))
         if self.attributions:
             out.update(_finite_items("mtx/grad_norm/", self.attributions[-1].norm))
-        self.vae.flush()
+        self.vae.flush(latest=True)
         if self.vae.last is not None:
             kl = {"analytic": self.vae.last.analytic_kl, "weight": self.vae.last.weight}
             out.update(_finite_items("mtx/kl/", kl))
@@ -1035,8 +1063,7 @@ class Doctor:
         """The evidence so far as plain data (containers, numbers, strings, CPU tensors), so
         a resumed run keeps it: save it in a checkpoint, hand it to :meth:`load_state_dict`
         of a Doctor on the same model. It loads with ``torch.load(weights_only=True)``."""
-        self._flush_losses()
-        self.vae.flush()
+        self.vae.flush(latest=True)
         self.noise.flush()
         state: dict[str, Any] = {"version": _STATE_VERSION}
         state["doctor"] = {name: _encode(getattr(self, name)) for name in _DOCTOR_STATE}
@@ -1061,12 +1088,13 @@ class Doctor:
             setattr(self, name, _decode(value))
         self.hooks._history = _decode(state["gradients"])
         self.hooks._unread, self.hooks._current = [], {}
-        self._pending_losses = []
-        self.vae._pending = []
+        self._last_values = None
+        self.vae._pending, self.vae._latest = [], None
         self.noise._pending = []
         for part, names in _PART_STATE.items():
             for name in names:
-                setattr(getattr(self, part), name, _decode(state[part][name]))
+                if name in state[part]:  # a state saved before the name was kept
+                    setattr(getattr(self, part), name, _decode(state[part][name]))
         moments = state["noise"]["_moments"]
         self.noise._moments.n = float(moments["n"])
         self.noise._moments.mean = moments["mean"].clone()

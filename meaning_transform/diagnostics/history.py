@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from meaning_transform.training import EpochRecord, term_values
+from meaning_transform.training import EpochRecord, reports_components, term_values
 
 
 class EpochHistory:
@@ -42,13 +42,21 @@ class EpochHistory:
     def open_steps(self) -> int:
         return len(self._totals)
 
-    def add_step(self, result: Mapping[str, Any]) -> None:
-        """One step's loss result (the dict form every mtx loss returns)."""
-        for name, value in term_values(result).items():
+    def add_step(
+        self,
+        result: Mapping[str, Any],
+        values: Mapping[str, float] | None = None,
+        total: float | None = None,
+    ) -> None:
+        """One step's loss result (the dict form every mtx loss returns); ``values`` and
+        ``total``, when the caller has read them: its main terms and total on the host."""
+        if values is None or reports_components(result):
+            values = term_values(result)  # CombinedLoss reports its components floored
+        for name, value in values.items():
             self._sums[name] = self._sums.get(name, 0.0) + value
         self._weights.update({k: float(v) for k, v in result.get("weights", {}).items()})
         self._beta = float(self._weights.get("kl", self._beta))
-        self._totals.append(float(result["loss"].detach()))
+        self._totals.append(float(result["loss"].detach()) if total is None else total)
         for name in result.get("floors_engaged", ()):
             self._floors[name] = self._floors.get(name, 0) + 1
         self._events.extend(
