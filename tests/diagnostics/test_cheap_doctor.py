@@ -24,7 +24,7 @@ from meaning_transform.diagnostics.attribution import (
 )
 from meaning_transform.diagnostics.doctor import Doctor
 from meaning_transform.diagnostics.noise import NoiseRecorder
-from meaning_transform.diagnostics.schedule import EVERY_STEP, Schedule
+from meaning_transform.diagnostics.schedule import ATTRIBUTION_SCHEDULE, EVERY_STEP, Schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from public_vaes import PyTorchExamplesVAE  # noqa: E402
@@ -214,16 +214,26 @@ def test_default_schedule_steps() -> None:
     assert all(EVERY_STEP(s) for s in range(50))
     with pytest.raises(ValueError, match="dense and every"):
         Schedule(every=-1)
+    with pytest.raises(ValueError, match="base"):
+        Schedule(base=1)
+
+
+def test_attribution_schedule_is_sparser_and_reaches_late_steps() -> None:
+    steps = [s for s in range(20000) if ATTRIBUTION_SCHEDULE(s)]
+    assert steps == [0, 4, 16, 64, 256, 1024, 4096, 8192, 12288, 16384]
+    assert ATTRIBUTION_SCHEDULE.count(200) == 4
+    assert [s for s in range(100) if Schedule(dense=0, every=0, base=3)(s)] == [3, 9, 27, 81]
+    assert not any(Schedule(dense=0, every=0, base=0)(s) for s in range(100))
 
 
 def test_off_schedule_steps_record_norms_and_the_attribution_follows_the_schedule() -> None:
-    doctor, _ = doctor_loop(6)  # defaults: attribution on steps 0, 1, 2, 4
+    doctor, _ = doctor_loop(6)  # defaults: attribution on steps 0 and 4
     snaps = doctor.hooks.history
     assert [s.detail for s in snaps] == ["full", "full", "full", "norm", "full", "norm"]
     off = snaps[3]
     assert off.total_norm > 0 and all(p.zero_fraction is None for p in off.params if p.has_grad)
     assert all(p.abs_mean is not None for p in snaps[4].params if p.has_grad)
-    assert len(doctor.attributions) == 4
+    assert [a.step for a in doctor.attributions] == [0, 4]
 
 
 def test_a_nan_gradient_off_the_schedule_is_still_named() -> None:
