@@ -228,7 +228,7 @@ class _ReparamTap:
 
 # the analytic KL of every step of the first VAE_DENSE, then of every VAE_EVERY-th and
 # of the latest: the KL audit and the beta measurement pool over steps
-VAE_DENSE, VAE_EVERY = 16, 8
+VAE_DENSE, VAE_EVERY = 64, 8
 VAE_MAX_STEPS = 512  # VaeStep records kept; beyond it every other one is dropped
 _FLUSH_EVERY = 64  # steps whose values wait on the device before one host copy
 # The KL weight is measured as (total - other terms) / KL term only when the KL term is
@@ -274,7 +274,7 @@ class _VaeRecorder:
         self._pending: list[_VaeEntry] = []
         self._latest: _VaeEntry | None = None  # the latest step off the cadence
 
-    def _kl_of(self, terms: Mapping[str, torch.Tensor]) -> str:
+    def _kl_of(self, terms: Mapping[str, object]) -> str:
         """The KL term's name ("" when none, with ``problem`` saying why)."""
         if self.kl_name is not None:
             if self.kl_name in terms:
@@ -481,9 +481,7 @@ _DOCTOR_STATE = (
 _PART_STATE: dict[str, tuple[str, ...]] = {
     "noise": ("steps", "pairs", "repeated", "probed", "dropped", "scale_steps", "_last"),
     "history": ("records", "_sums", "_weights", "_totals", "_floors", "_events", "_beta"),
-    "vae": (
-        "kl_term", "problem", "weight_source", "seen", "stride", "steps", "last", "measured"
-    ),
+    "vae": ("kl_term", "problem", "weight_source", "seen", "stride", "steps", "last", "measured"),
 }
 
 
@@ -727,8 +725,10 @@ class Doctor:
             self.vae.record(self.steps, roles, result, total, main)
         self._drop_pending()  # the previous step's total never came back from a backward
         every = self.attribute_every
-        if ATTRIBUTION_SCHEDULE(self.steps) if every == "auto" else (
-            every and self.steps % every == 0
+        if (
+            ATTRIBUTION_SCHEDULE(self.steps)
+            if every == "auto"
+            else (every and self.steps % every == 0)
         ):
             self._attribute(result)
         self.history.add_step(result, main, total)

@@ -109,10 +109,10 @@ class _PooledMoments:
 class NoiseRecorder:
     """Collects the noise evidence of a run, step by step (see the module docstring).
 
-    The Doctor calls :meth:`record` on the training-mode steps :func:`noise_due` names, with ``mu``, ``log_var``
-    and ``z`` (``None`` if the model gives none); when it returns False (no usable ``z``)
-    and :meth:`probe_due` says so, it calls :meth:`probe` with a function running the
-    model on the step's batch and returning the reconstruction.
+    The Doctor calls :meth:`record` on the training-mode steps :func:`noise_due` names,
+    with ``mu``, ``log_var`` and ``z`` (``None`` if the model gives none); when it returns
+    False (no usable ``z``) and :meth:`probe_due` says so, it calls :meth:`probe` with a
+    function running the model on the step's batch and returning the reconstruction.
     """
 
     def __init__(self) -> None:

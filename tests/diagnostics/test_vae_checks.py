@@ -512,22 +512,29 @@ def test_doctor_collapse_onset_under_a_beta_ramp():
 
 
 def test_doctor_memory_is_bounded():
-    from meaning_transform.diagnostics.doctor import VAE_MAX_STEPS
+    from meaning_transform.diagnostics.doctor import VAE_DENSE, VAE_EVERY, VAE_MAX_STEPS
 
     torch.manual_seed(0)
     model = SmallVAE()
-    x = torch.randn(4, 8)
-    with Doctor(model, attribute_every=0) as doctor, torch.no_grad():
-        for _ in range(2 * VAE_MAX_STEPS + 3):
-            out = model(x)
-            doctor.vae.record(doctor.steps, out, {"terms": {"kl": kl_elements(out).sum(1).mean()}})
-            doctor.steps += 1
+    with torch.no_grad():
+        out = model(torch.randn(4, 8))
+    roles = {"mu": out["mu"], "log_var": out["log_var"]}
+    kl = float(kl_elements(out).sum(1).mean())
+    # enough steps that the measured ones (every step of the first VAE_DENSE, then every
+    # VAE_EVERY-th) pass twice the bound
+    n = VAE_DENSE + VAE_EVERY * 2 * VAE_MAX_STEPS + 3
+    doctor = Doctor(model, attribute_every=0)
+    for step in range(n):
+        doctor.vae.record(step, roles, {"terms": {}}, math.nan, {"kl": kl})
     ev = doctor.vae.evidence()
     assert len(ev.steps) <= VAE_MAX_STEPS + 1
-    assert ev.steps[-1].step == 2 * VAE_MAX_STEPS + 2  # the last step is always kept
+    assert ev.steps_seen == n
+    assert ev.steps[-1].step == n - 1  # the last step is always kept
     assert ev.stride == 4
-    gaps = {b.step - a.step for a, b in zip(ev.steps[:-2], ev.steps[1:-1])}
-    assert gaps == {ev.stride}  # evenly spaced
+    late = [s.step for s in ev.steps[:-1] if s.step >= VAE_DENSE]
+    assert {b - a for a, b in zip(late, late[1:])} == {ev.stride * VAE_EVERY}  # evenly spaced
+    early = [s.step for s in ev.steps if s.step < VAE_DENSE]
+    assert early == list(range(0, VAE_DENSE, ev.stride))
 
 
 def test_rules_run_with_the_rest():
