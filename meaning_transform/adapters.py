@@ -358,7 +358,8 @@ class LossResult:
 
     ``unexplained`` is ``|total - sum(w * t)| / max(|total|, 1e-12)`` over the terms:
     0 when the weighted terms add up to the total (or there are no terms), NaN when
-    a value is NaN (carried, not raised: a finding for later).
+    a value is NaN (carried, not raised: a finding for later) or when it was not measured
+    (``measure=False``: the caller reads the values itself, saving a host copy).
     """
 
     total: Tensor  # scalar, differentiable when the loss is
@@ -377,11 +378,13 @@ class LossResult:
         total: Tensor | None = None,
         weights: Mapping[str, float] | None = None,
         ignored: tuple[str, ...] = (),
+        measure: bool = True,
     ) -> LossResult:
         """A result from scalar terms and, when the loss gave one, its total.
 
         Without ``total`` it is ``sum(w * t)``. ``weights`` may name some terms;
-        the others get 1.0 and are listed in ``assumed_weights``.
+        the others get 1.0 and are listed in ``assumed_weights``. ``measure=False``
+        leaves ``unexplained`` NaN for a given total (no host copy).
 
         Raises:
             LossResultError: a term or the total is not a scalar tensor, ``weights``
@@ -406,7 +409,9 @@ class LossResult:
             unexplained = 0.0
         else:
             total_t = _scalar(total, "total")
-            unexplained = _unexplained(total_t, scalars, w) if scalars else 0.0
+            unexplained = 0.0
+            if scalars:
+                unexplained = _unexplained(total_t, scalars, w) if measure else math.nan
         return cls(
             total=total_t,
             terms=MappingProxyType(scalars),
@@ -615,7 +620,10 @@ def _named_twice(role_params: Mapping[str, str]) -> tuple[str, list[str]] | None
 
 
 def read_loss_result(
-    returned: object, weights: Mapping[str, float] | None = None, name: str = "loss"
+    returned: object,
+    weights: Mapping[str, float] | None = None,
+    name: str = "loss",
+    measure: bool = True,
 ) -> LossResult:
     """Read what a loss returned into a LossResult.
 
@@ -630,16 +638,19 @@ def read_loss_result(
       ``term_1, term_2, ...`` (their positions); otherwise all are terms named
       ``term_0, term_1, ...`` and the total is their weighted sum.
 
+    ``measure=False``: ``unexplained`` is left NaN when the total is given (see
+    :meth:`LossResult.build`).
+
     Raises:
         LossResultError: a non-tensor, a non-scalar, a dict or tuple without tensors.
     """
     try:
-        return _read(returned, weights)
+        return _read(returned, weights, measure)
     except LossResultError as e:
         raise LossResultError(f"loss {name} returned {_describe(returned)}: {e}") from None
 
 
-def _read(returned: object, weights: Mapping[str, float] | None) -> LossResult:
+def _read(returned: object, weights: Mapping[str, float] | None, measure: bool) -> LossResult:
     weights = weights or {}
     if isinstance(returned, Tensor):
         return LossResult.build({}, total=returned, weights=weights)
@@ -650,10 +661,10 @@ def _read(returned: object, weights: Mapping[str, float] | None) -> LossResult:
             raise LossResultError("a dict with no tensor in it")
         if TOTAL_KEY in tensors:
             given = tensors.pop(TOTAL_KEY)
-            return LossResult.build(tensors, total=given, weights=weights, ignored=ignored)
+            return LossResult.build(tensors, given, weights, ignored, measure)
         key = _total_among(tensors, weights, first_only=False)
         found = tensors.pop(key) if key is not None else None
-        return LossResult.build(tensors, total=found, weights=weights, ignored=ignored)
+        return LossResult.build(tensors, found, weights, ignored, measure)
     if isinstance(returned, (tuple, list)):
         if not returned:
             raise LossResultError("an empty sequence")
@@ -665,7 +676,7 @@ def _read(returned: object, weights: Mapping[str, float] | None) -> LossResult:
         named = {f"term_{i}": t for i, t in enumerate(returned)}
         first = _total_among(named, weights, first_only=True)
         total = named.pop(first) if first is not None else None
-        return LossResult.build(named, total=total, weights=weights)
+        return LossResult.build(named, total, weights, measure=measure)
     raise LossResultError("expected a scalar tensor, a dict of them or a tuple of them")
 
 

@@ -211,7 +211,12 @@ def _iter_batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
         yield x[start : start + batch_size]
 
 
-def dead_units(model: nn.Module, x: Tensor, batch_size: int = 1024) -> dict[str, float]:
+def dead_units(
+    model: nn.Module,
+    x: Tensor,
+    batch_size: int = 1024,
+    outputs: list[tuple[Tensor, Any]] | None = None,
+) -> dict[str, float]:
     """Fraction of each ReLU-family activation's units that are never active on ``x``.
 
     A unit (one entry along dim 1, see the module docstring) is dead when its output is
@@ -219,7 +224,9 @@ def dead_units(model: nn.Module, x: Tensor, batch_size: int = 1024) -> dict[str,
     both seen and named as the module docstring describes. Runs in eval mode under
     ``no_grad`` with the RNG forked (BatchNorm uses its running statistics), restores each
     module's mode afterwards and removes every hook and the function mode. The dying-ReLU
-    rule fires at a fraction >= 0.7.
+    rule fires at a fraction >= 0.7. With ``outputs``, each batch and what the model
+    returned for it are appended there, so that one pass also serves other eval-mode
+    measurements (the Doctor's latent health, :func:`~.latent.latent_of_outputs`).
 
     Returns:
         ``{activation name: dead fraction}`` in the order the activations first ran;
@@ -239,7 +246,10 @@ def dead_units(model: nn.Module, x: Tensor, batch_size: int = 1024) -> dict[str,
         with measuring(model, x), _FunctionalActivations(recorder.functional):
             for batch in _iter_batches(x, batch_size):
                 recorder.start_pass()
-                model(batch.to(device))
+                rows = batch.to(device)
+                output = model(rows)
+                if outputs is not None:
+                    outputs.append((rows, output))
     finally:
         for handle in handles:
             handle.remove()

@@ -59,7 +59,7 @@ from meaning_transform.diagnostics.gradients import (
     dead_units,
 )
 from meaning_transform.diagnostics.history import EpochHistory
-from meaning_transform.diagnostics.latent import LatentHealth, measure_latent
+from meaning_transform.diagnostics.latent import LatentHealth, latent_of_outputs, measure_latent
 from meaning_transform.diagnostics.nan_guard import NanGuard, NanOrigin
 from meaning_transform.diagnostics.noise import NoiseRecorder, noise_due
 from meaning_transform.diagnostics.rules import (
@@ -103,7 +103,10 @@ def _loss_dict(loss: object, weights: Mapping[str, float] | None) -> Mapping[str
     """Any loss return as the dict form mtx's losses return (``loss``, ``terms``, ...)."""
     if isinstance(loss, Mapping) and "loss" in loss and "terms" in loss:
         return loss  # mtx's own CombinedLoss, or a LossStep
-    result = loss if isinstance(loss, LossResult) else read_loss_result(loss, weights)
+    # measure=False: the Doctor reads the total and terms itself (_step_values), once
+    result = (
+        loss if isinstance(loss, LossResult) else read_loss_result(loss, weights, measure=False)
+    )
     return {
         "loss": result.total,
         "terms": dict(result.terms),
@@ -919,8 +922,9 @@ class Doctor:
         if data is not None and data.shape[0] >= 2 and bool(torch.isfinite(data).all()):
             device = next(self.model.parameters()).device
             sample = data[:1024].to(device)  # (N, D)
-            latent = self.latent = measure_latent(self.model, sample)
-            dead = dead_units(self.model, sample) or None
+            outputs: list[tuple[torch.Tensor, Any]] = []  # one eval pass serves both
+            dead = dead_units(self.model, sample, outputs=outputs) or None
+            latent = self.latent = latent_of_outputs(outputs, sample)
         return RunEvidence(
             where=self.where,
             records=tuple(records),

@@ -28,7 +28,9 @@ Definitions (the references the tests hold us to):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -153,19 +155,27 @@ def reconstruction_gain(reconstruction: Tensor, x: Tensor) -> float | None:
     return 1.0 - error_host / spread_host
 
 
-def _eval_roles(model: nn.Module, x: Tensor, batch_size: int) -> tuple[Tensor, ...]:
+def _eval_roles(model: nn.Module, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(mu, log_var, reconstruction)`` for every row of ``x`` (eval mode, no grad)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next((p.device for p in model.parameters()), x.device)
-    mus, log_vars, recons = [], [], []
+    outputs: list[tuple[Tensor, Any]] = []
     with evaluating(model), torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
             rows = x[start : start + batch_size].to(device)
-            roles = output_roles(model(rows), rows)  # any output form (tuple, object, ...)
-            mus.append(roles.mu)
-            log_vars.append(roles.log_var)
-            recons.append(roles.reconstruction)
+            outputs.append((rows, model(rows)))
+    return _roles_of(outputs, x)
+
+
+def _roles_of(outputs: Sequence[tuple[Tensor, Any]], x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mu, log_var, reconstruction)`` of every batch's output, concatenated."""
+    mus, log_vars, recons = [], [], []
+    for rows, output in outputs:
+        roles = output_roles(output, rows)  # any output form (tuple, object, ...)
+        mus.append(roles.mu)
+        log_vars.append(roles.log_var)
+        recons.append(roles.reconstruction)
     if not mus:
         raise ValueError(f"expected at least one sample, got x of shape {tuple(x.shape)}")
     return torch.cat(mus), torch.cat(log_vars), torch.cat(recons)  # (N, Z), (N, Z), (N, ...)
@@ -189,6 +199,15 @@ def encode_means(model: nn.Module, x: Tensor, batch_size: int = 1024) -> tuple[T
 def measure_latent(model: nn.Module, x: Tensor, batch_size: int = 1024) -> LatentHealth:
     """Latent health of ``model`` on the rows of ``x`` (eval mode, no grad), with the
     reconstruction's gain over predicting the data mean (:func:`reconstruction_gain`)."""
-    mu, log_var, reconstruction = _eval_roles(model, x, batch_size)
+    return _health(*_eval_roles(model, x, batch_size), x)
+
+
+def latent_of_outputs(outputs: Sequence[tuple[Tensor, Any]], x: Tensor) -> LatentHealth:
+    """:func:`measure_latent` from eval-mode outputs already taken: ``(rows, output)``
+    per batch of ``x``, in order (what :func:`~.activations.dead_units` collects)."""
+    return _health(*_roles_of(outputs, x), x)
+
+
+def _health(mu: Tensor, log_var: Tensor, reconstruction: Tensor, x: Tensor) -> LatentHealth:
     health = latent_health(mu, log_var)
     return replace(health, recon_gain=reconstruction_gain(reconstruction, x))
