@@ -23,6 +23,14 @@ configurations interleaved (rotated order) in every run:
   attribute_every=1`` (everything every step: full statistics and attribution, what
   the default was before issue 13, apart from the cheaper attribution).
 
+Part 1b, the default Doctor's run in lockstep with a plain run: both step in turn (the
+order swapped every step), each step timed, so the machine's drift between whole runs
+(10-30% on a shared 2-core VM) hits both alike; the ratio is the Doctor run's total
+(its steps, construction, close and findings) over the plain steps', and the Doctor's
+extra time is split into its ordinary steps, its attribution steps, its other
+full-statistics steps and the fixed costs. The two runs share the caches, which can make
+the Doctor's memory-bound work (gradient norms) dearer than in a run of its own.
+
 Part 2, one training step with per-term attribution for the three terms, next to a plain
 step (blocks of steps, interleaved; ratio to the plain step of the same round):
 
@@ -129,6 +137,52 @@ def training_run(data: torch.Tensor, steps: int, doctor_kwargs: dict | None) -> 
     return run
 
 
+def lockstep(data: torch.Tensor, steps: int, doctor_kwargs: dict) -> tuple[float, float, dict]:
+    """A plain run and a run with the Doctor stepped in turn (the order swapped every step),
+    each step timed: the machine's drift (this 2-core VM's step time wanders by 10-30%
+    between whole runs) hits both runs alike. Returns (plain ms, Doctor ms, parts): the
+    Doctor's total includes its construction, ``close`` and ``findings(data=...)``."""
+    plain, watched = Run(), Run()
+    t0 = time.perf_counter()
+    doctor = Doctor(watched.model, **doctor_kwargs).attach()
+    setup = time.perf_counter() - t0
+    plain_s = doctor_s = 0.0
+    extra: list[float] = []  # per step: the Doctor's step minus the plain one, ms
+    for step in range(steps):
+        x = data[(step % BATCHES) * BATCH : (step % BATCHES + 1) * BATCH]
+        times = {}
+        for r in (plain, watched) if step % 2 else (watched, plain):
+            d = doctor if r is watched else None
+            start = time.perf_counter()
+            r.optimizer.zero_grad(set_to_none=True)
+            out, terms, total = r.forward(x)
+            if d is not None:
+                d.step(out, {"loss": total, **terms}, x, weights=WEIGHTS)
+            total.backward()
+            r.optimizer.step()
+            times[d is None] = time.perf_counter() - start
+        plain_s += times[True]
+        doctor_s += times[False]
+        extra.append((times[False] - times[True]) * 1000)
+    t0 = time.perf_counter()
+    doctor.close()
+    doctor.findings(data=data)
+    end = time.perf_counter() - t0
+    full = Schedule()
+    special = {i for i in range(steps) if full(i) or ATTRIBUTION_SCHEDULE(i)}
+    ordinary = [v for i, v in enumerate(extra) if i not in special]
+    parts = {
+        "ordinary steps": sum(ordinary),
+        "per ordinary step": statistics.median(ordinary),
+        "attribution steps": sum(extra[i] for i in range(steps) if ATTRIBUTION_SCHEDULE(i)),
+        "full-statistics steps": sum(
+            extra[i] for i in range(steps) if full(i) and not ATTRIBUTION_SCHEDULE(i)
+        ),
+        "construction, close, findings": (setup + end) * 1000,
+    }
+    return plain_s * 1000, (doctor_s + setup + end) * 1000, parts
+
+
 # ----------------------------------------------------------- part 2: an attribution step
 
 
@@ -199,7 +253,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="rounds of attribution steps")
     parser.add_argument("--block", type=int, default=5, help="steps per round and config")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
-    parser.add_argument("--no-steps", action="store_true", help="part 1 only")
+    parser.add_argument("--lockstep", type=int, default=5, help="pairs of lockstep runs")
+    parser.add_argument("--no-steps", action="store_true", help="parts 1 and 1b only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     info = machine_info()
@@ -234,6 +289,17 @@ def main() -> None:
     title = f"Doctor over a {args.steps}-step run, per step (medians of {args.runs} runs)"
     print_table(rows1, title)
 
+    lock = [lockstep(data, args.steps, {}) for _ in range(args.lockstep)]
+    ratios = [d / p for p, d, _ in lock]
+    print(
+        f"\nPart 1b: the default Doctor in lockstep with a plain run ({args.lockstep} pairs "
+        f"of {args.steps}-step runs): x plain {statistics.median(ratios):.3f} "
+        f"({min(ratios):.3f}-{max(ratios):.3f})"
+    )
+    print("  where the Doctor's time goes, ms per run (median over the pairs):")
+    for part in lock[0][2]:
+        print(f"    {part:32s} {statistics.median(p[part] for _, _, p in lock):8.2f}")
+
     rows2: list[Summary] = []
     if not args.no_steps:
         x = data[:BATCH]
@@ -253,6 +319,7 @@ def main() -> None:
         payload = {
             "machine": info,
             "run": [asdict(r) for r in rows1],
+            "lockstep": [{"plain_ms": p, "doctor_ms": d, "parts": parts} for p, d, parts in lock],
             "attribution": [asdict(r) for r in rows2],
             "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         }

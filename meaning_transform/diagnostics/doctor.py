@@ -61,7 +61,7 @@ from meaning_transform.diagnostics.gradients import (
 from meaning_transform.diagnostics.history import EpochHistory
 from meaning_transform.diagnostics.latent import LatentHealth, latent_of_outputs, measure_latent
 from meaning_transform.diagnostics.nan_guard import NanGuard, NanOrigin
-from meaning_transform.diagnostics.noise import NoiseRecorder, noise_due
+from meaning_transform.diagnostics.noise import NoiseRecorder
 from meaning_transform.diagnostics.rules import (
     RunEvidence,
     _is_kl,
@@ -229,9 +229,6 @@ class _ReparamTap:
         return z
 
 
-# the analytic KL of every step of the first VAE_DENSE, then of every VAE_EVERY-th and
-# of the latest: the KL audit and the beta measurement pool over steps
-VAE_DENSE, VAE_EVERY = 64, 8
 VAE_MAX_STEPS = 512  # VaeStep records kept; beyond it every other one is dropped
 _FLUSH_EVERY = 64  # steps whose values wait on the device before one host copy
 # The KL weight is measured as (total - other terms) / KL term only when the KL term is
@@ -249,9 +246,8 @@ _VaeEntry = tuple[
 class _VaeRecorder:
     """Per step: the analytic KL, the loss's KL term, its weight and the declared β.
 
-    Measured on every step of the first :data:`VAE_DENSE`, then on every
-    :data:`VAE_EVERY`-th and on the latest step, ``mu`` and ``log_var`` waiting on the
-    device to be measured in batches; the kept steps are thinned to at most
+    ``mu`` and ``log_var`` wait on the device to be measured in batches (the step's
+    scalars come from the Doctor's one host read); the kept steps are thinned to at most
     :data:`VAE_MAX_STEPS`, evenly spaced, plus the latest one.
     """
 
@@ -271,11 +267,9 @@ class _VaeRecorder:
         self.stride = 1
         self.steps: list[VaeStep] = []
         self.last: VaeStep | None = None
-        self.measured = 0  # steps whose analytic KL was taken
-        # (index among measured steps, step, B, Z, declared β, weight given, mu, log_var,
+        # (index among recorded steps, step, B, Z, declared β, weight given, mu, log_var,
         # the KL term's value, the total (NaN: not given), the other terms' (weight, value))
         self._pending: list[_VaeEntry] = []
-        self._latest: _VaeEntry | None = None  # the latest step off the cadence
 
     def _kl_of(self, terms: Mapping[str, object]) -> str:
         """The KL term's name ("" when none, with ``problem`` saying why)."""
@@ -340,26 +334,17 @@ class _VaeRecorder:
         mu2 = mu.detach().reshape(batch, -1)  # (B, Z)
         lv2 = log_var.detach().reshape(batch, -1)  # (B, Z)
         entry = (
-            self.measured, step, batch, mu2.shape[1], declared, given, mu2, lv2, term,
+            seen, step, batch, mu2.shape[1], declared, given, mu2, lv2, term,
             given_total, others,
         )  # fmt: skip
-        if seen >= VAE_DENSE and seen % VAE_EVERY:
-            self._latest = entry  # measured only if it stays the latest
-            return
-        self._latest = None
         self._pending.append(entry)
-        self.measured += 1
         if len(self._pending) >= _FLUSH_EVERY:
             self.flush()
 
     @torch.no_grad()
-    def flush(self, latest: bool = False) -> None:
+    def flush(self) -> None:
         """Measure the waiting steps together: their rows' analytic KL in one pass per
-        latent size and one host copy (``latest``: also the latest step off the cadence)."""
-        if latest and self._latest is not None:
-            self._pending.append(self._latest)
-            self.measured += 1
-            self._latest = None
+        latent size and one host copy."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -411,7 +396,7 @@ class _VaeRecorder:
                     self.stride *= 2
 
     def evidence(self) -> VaeEvidence:
-        self.flush(latest=True)
+        self.flush()
         steps = list(self.steps)
         if self.last is not None and (not steps or steps[-1].step != self.last.step):
             steps.append(self.last)
@@ -479,12 +464,12 @@ def _decode(value: Any) -> Any:
 _DOCTOR_STATE = (
     "attributions", "term_values", "input_non_finite", "reduction", "steps", "_epoch_start",
     "detached_terms", "unexplained", "batch_size", "step_losses", "step_batch_sizes", "latent",
-    "nan_first", "_nan_passes", "_train_steps",
+    "nan_first", "_nan_passes",
 )  # fmt: skip
 _PART_STATE: dict[str, tuple[str, ...]] = {
     "noise": ("steps", "pairs", "repeated", "probed", "dropped", "scale_steps", "_last"),
     "history": ("records", "_sums", "_weights", "_totals", "_floors", "_events", "_beta"),
-    "vae": ("kl_term", "problem", "weight_source", "seen", "stride", "steps", "last", "measured"),
+    "vae": ("kl_term", "problem", "weight_source", "seen", "stride", "steps", "last"),
 }
 
 
@@ -636,7 +621,6 @@ class Doctor:
         self.batch_size = 0  # of the latest step's batch
         self.step_losses: list[float] = []  # the total of every step (NaN kept)
         self._last_values: tuple[float, dict[str, float]] | None = None  # (total, terms)
-        self._train_steps = 0  # training-mode steps, for the noise cadence
         self.step_batch_sizes: list[int] = []  # the batch size of every step (0: unknown)
         self.vae = _VaeRecorder(beta_schedule, beta_max, kl_term)
         self.reparameterize = _ReparamTap(model)  # z for a model that returns none
@@ -722,9 +706,7 @@ class Doctor:
                 self.hooks.set_example_input(x[:8])
         self.reduction = dict(reduction or result.get("reduction", self.reduction))
         if self.model.training:
-            if noise_due(self._train_steps):
-                self._record_noise(roles, x)
-            self._train_steps += 1
+            self._record_noise(roles, x)
             self.vae.record(self.steps, roles, result, total, main)
         self._drop_pending()  # the previous step's total never came back from a backward
         every = self.attribute_every
@@ -1042,7 +1024,7 @@ class Doctor:
             out.update(_finite_items("mtx/grad_norm/", grads))
         if self.attributions:
             out.update(_finite_items("mtx/grad_norm/", self.attributions[-1].norm))
-        self.vae.flush(latest=True)
+        self.vae.flush()
         if self.vae.last is not None:
             kl = {"analytic": self.vae.last.analytic_kl, "weight": self.vae.last.weight}
             out.update(_finite_items("mtx/kl/", kl))
@@ -1067,7 +1049,7 @@ class Doctor:
         """The evidence so far as plain data (containers, numbers, strings, CPU tensors), so
         a resumed run keeps it: save it in a checkpoint, hand it to :meth:`load_state_dict`
         of a Doctor on the same model. It loads with ``torch.load(weights_only=True)``."""
-        self.vae.flush(latest=True)
+        self.vae.flush()
         self.noise.flush()
         state: dict[str, Any] = {"version": _STATE_VERSION}
         state["doctor"] = {name: _encode(getattr(self, name)) for name in _DOCTOR_STATE}
@@ -1093,7 +1075,7 @@ class Doctor:
         self.hooks._history = _decode(state["gradients"])
         self.hooks._unread, self.hooks._current = [], {}
         self._last_values = None
-        self.vae._pending, self.vae._latest = [], None
+        self.vae._pending = []
         self.noise._pending = []
         for part, names in _PART_STATE.items():
             for name in names:

@@ -49,15 +49,6 @@ FLUSH_EVERY = 16
 # reach the 0.05 it is judged at within a step or two; more per step costs time for
 # precision no rule uses (a 256 x 32 batch has 8192)
 NOISE_SAMPLE = 4096
-# training steps whose noise is recorded: each of the first NOISE_DENSE, then every
-# NOISE_EVERY-th (a frozen generator repeats on every step, so any two recorded steps of
-# one batch size show it; the scale's moments pool over the recorded steps)
-NOISE_DENSE, NOISE_EVERY = 16, 8
-
-
-def noise_due(step: int) -> bool:
-    """Whether training step ``step`` (0-based) has its noise recorded."""
-    return step < NOISE_DENSE or step % NOISE_EVERY == 0
 
 
 @dataclass(frozen=True)
@@ -109,10 +100,10 @@ class _PooledMoments:
 class NoiseRecorder:
     """Collects the noise evidence of a run, step by step (see the module docstring).
 
-    The Doctor calls :meth:`record` on the training-mode steps :func:`noise_due` names,
-    with ``mu``, ``log_var`` and ``z`` (``None`` if the model gives none); when it returns
-    False (no usable ``z``) and :meth:`probe_due` says so, it calls :meth:`probe` with a
-    function running the model on the step's batch and returning the reconstruction.
+    The Doctor calls :meth:`record` on every training-mode step with ``mu``, ``log_var``
+    and ``z`` (``None`` if the model gives none); when it returns False (no usable ``z``)
+    and :meth:`probe_due` says so, it calls :meth:`probe` with a function running the
+    model on the step's batch and returning the reconstruction.
     """
 
     def __init__(self) -> None:
