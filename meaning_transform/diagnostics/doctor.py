@@ -525,14 +525,16 @@ class Doctor:
             frozen-noise check runs the step's batch twice more on a few steps (see
             ``noise.py``).
         where: the name findings are reported under.
-        schedule: the steps that get the full evidence: full gradient statistics, the
-            noise checks and (with ``attribute_every="auto"``) the per-term attribution.
-            Default :class:`~meaning_transform.diagnostics.schedule.Schedule`: steps 0, 1,
-            2, each power of two and every 256th; ``Schedule(every=1)`` is every step. The
-            other steps record the loss, its terms, the KL and β, every parameter's
-            gradient norm and the NaN guard's check.
-        attribute_every: per-term gradient attribution on the schedule's steps
-            (``"auto"``), or every k steps (0 = never). With K terms an attribution costs
+        schedule: the steps that get full gradient statistics (mean, std, min, max,
+            zero fraction, non-finite count per parameter). Default
+            :class:`~meaning_transform.diagnostics.schedule.Schedule`: steps 0, 1, 2, each
+            power of two and every 256th; ``Schedule(every=1)`` is every step. Every step
+            records the loss, its terms, the analytic KL and β, the noise, every
+            parameter's gradient norm and the NaN guard's check.
+        attribute_every: per-term gradient attribution on
+            :data:`~meaning_transform.diagnostics.schedule.ATTRIBUTION_SCHEDULE`
+            (``"auto"``: steps 0, 4, 16, 64, 256, 1024, 4096, then every 4096th; 4 of a
+            200-step run), or every k steps (0 = never). With K terms an attribution costs
             K - 1 backward passes, each through the part of the network its term reaches:
             the last term is the total's gradient minus the others' (checked on the first
             attribution and every 8th after it; see

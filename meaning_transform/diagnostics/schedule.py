@@ -1,15 +1,15 @@
 """Which steps the Doctor looks at closely.
 
-Every step the Doctor records what is cheap: the loss and its terms, the KL and the β
-applied, every parameter's gradient norm (so a NaN/Inf gradient or a spike is seen at the
-step it happens, and the NaN guard can name the parameter), the NaN guard's check. On the
-steps of its :class:`Schedule` it also takes the full gradient statistics (mean |g|,
-spread, zero fraction, weight norms), the reparameterisation noise and the per-term
-gradient attribution, which cost 0.1-0.8 of a training step each time (README, "What the
-Doctor costs"). The default schedule looks at the first steps, where most faults show,
-then ever more sparsely: steps 0, 1, 2, 4, 8, ..., 2^k, and every 256th step, so that a
-200-step run gets 9 full steps, a 10 000-step run 53, and a fault that appears late is
-still seen within 256 steps.
+Every step the Doctor records what is cheap: the loss and its terms, the analytic KL and
+the β applied, the reparameterisation noise, every parameter's gradient norm (so a
+NaN/Inf gradient or a spike is seen at the step it happens, and the NaN guard can name
+the parameter), the NaN guard's check. On the steps of its :class:`Schedule` it also
+takes the full gradient statistics (mean |g|, spread, zero fraction, weight norms), about
+0.1 of a training step each time. The default schedule looks at the first steps, where
+most faults show, then ever more sparsely: steps 0, 1, 2, 4, 8, ..., 2^k, and every 256th
+step, so that a 200-step run gets 9 full steps, a 10 000-step run 53, and a fault that
+appears late is still seen within 256 steps. The per-term attribution, 0.5-1 training
+step each time, has its own sparser schedule, :data:`ATTRIBUTION_SCHEDULE`.
 """
 
 from __future__ import annotations

@@ -83,9 +83,10 @@ class DoctorCallback(Callback):
         model_attr: the attribute of the ``LightningModule`` holding the VAE whose forward
             ``training_step`` calls (default: the module itself).
         where: the name findings are reported under.
-        attribute_every: per-term gradient attribution on the Doctor's schedule
-            (``"auto"``: steps 0, 1, 2, each power of two, every 256th) or every k steps
-            (0 = never); ``doctor_kwargs`` may hold ``schedule=``.
+        attribute_every: per-term gradient attribution on the Doctor's attribution
+            schedule (``"auto"``: steps 0, 4, 16, 64, 256, 1024, 4096, then every 4096th)
+            or every k steps (0 = never); ``doctor_kwargs`` may hold ``schedule=`` (the
+            steps with full gradient statistics).
         weights: the weights of named terms that the total weighs (others count 1).
         reduction: ``"sum"`` or ``"mean"`` per term, when known.
         data: inputs to measure latent health and dead units on at the end.
