@@ -116,6 +116,17 @@ class Run:
 # ---------------------------------------------------------------- part 1: a 200-step run
 
 
+def train_step(r: Run, doctor: Doctor | None, data: torch.Tensor, step: int) -> None:
+    """One training step on the step's batch of ``data``, with ``doctor.step`` if given."""
+    x = data[(step % BATCHES) * BATCH : (step % BATCHES + 1) * BATCH]
+    r.optimizer.zero_grad(set_to_none=True)
+    out, terms, total = r.forward(x)
+    if doctor is not None:
+        doctor.step(out, {"loss": total, **terms}, x, weights=WEIGHTS)
+    total.backward()
+    r.optimizer.step()
+
+
 def training_run(data: torch.Tensor, steps: int, doctor_kwargs: dict | None) -> Callable[[], None]:
     """A whole run from a fresh model; ``doctor_kwargs=None``: no Doctor."""
 
@@ -123,13 +134,7 @@ def training_run(data: torch.Tensor, steps: int, doctor_kwargs: dict | None) -> 
         r = Run()
         doctor = Doctor(r.model, **doctor_kwargs).attach() if doctor_kwargs is not None else None
         for step in range(steps):
-            x = data[(step % BATCHES) * BATCH : (step % BATCHES + 1) * BATCH]
-            r.optimizer.zero_grad(set_to_none=True)
-            out, terms, total = r.forward(x)
-            if doctor is not None:
-                doctor.step(out, {"loss": total, **terms}, x, weights=WEIGHTS)
-            total.backward()
-            r.optimizer.step()
+            train_step(r, doctor, data, step)
         if doctor is not None:
             doctor.close()
             doctor.findings(data=data)
@@ -149,17 +154,11 @@ def lockstep(data: torch.Tensor, steps: int, doctor_kwargs: dict) -> tuple[float
     plain_s = doctor_s = 0.0
     extra: list[float] = []  # per step: the Doctor's step minus the plain one, ms
     for step in range(steps):
-        x = data[(step % BATCHES) * BATCH : (step % BATCHES + 1) * BATCH]
         times = {}
         for r in (plain, watched) if step % 2 else (watched, plain):
             d = doctor if r is watched else None
             start = time.perf_counter()
-            r.optimizer.zero_grad(set_to_none=True)
-            out, terms, total = r.forward(x)
-            if d is not None:
-                d.step(out, {"loss": total, **terms}, x, weights=WEIGHTS)
-            total.backward()
-            r.optimizer.step()
+            train_step(r, d, data, step)
             times[d is None] = time.perf_counter() - start
         plain_s += times[True]
         doctor_s += times[False]
