@@ -6,6 +6,7 @@ shrunk to 8x8 inputs) are read and bound exactly as their authors wrote them.
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections import OrderedDict, namedtuple
 from dataclasses import dataclass
@@ -797,3 +798,15 @@ def test_both_public_models_train_through_their_own_losses(x, examples_vae, anti
                     p -= 1e-3 * p.grad.sign()
             losses.append(result.total.item())
         assert losses[-1] < losses[0], type(model).__name__
+
+
+def test_measure_false_leaves_unexplained_unmeasured_only_for_a_given_total():
+    recon, kl = torch.tensor(2.0), torch.tensor(0.5)
+    given = {"loss": recon + kl + 1.0, "recon": recon, "kl": kl}  # 1.0 unexplained
+    measured = read_loss_result(given)
+    assert measured.unexplained == pytest.approx(1.0 / 3.5)
+    skipped = read_loss_result(given, measure=False)
+    assert math.isnan(skipped.unexplained)
+    assert torch.equal(skipped.total, measured.total) and skipped.terms == measured.terms
+    summed = read_loss_result({"recon": recon, "kl": kl}, measure=False)  # total computed
+    assert summed.unexplained == 0.0 and not summed.total_given

@@ -117,3 +117,16 @@ def test_measure_latent_adds_the_reconstruction_gain_in_eval_mode(model, x):
         expected = reconstruction_gain(model(x)["reconstruction"], x)
     assert health.recon_gain == pytest.approx(expected)
     assert health.as_dict()["recon_gain"] == health.recon_gain
+
+
+def test_latent_of_the_dead_units_pass_equals_measure_latent(model, x):
+    from meaning_transform.diagnostics.activations import dead_units
+    from meaning_transform.diagnostics.latent import latent_of_outputs, measure_latent
+
+    outputs: list = []
+    fractions = dead_units(model, x, batch_size=5, outputs=outputs)  # several batches
+    assert [rows.shape[0] for rows, _ in outputs] == [len(r) for r in x.split(5)]
+    assert fractions == dead_units(model, x, batch_size=5)  # collecting changes nothing
+    shared = latent_of_outputs(outputs, x)
+    assert shared == measure_latent(model, x, batch_size=5)
+    assert shared.recon_gain is not None
