@@ -1,6 +1,6 @@
 """What the Doctor costs with its default settings, and what per-term attribution costs.
 
-    python benchmarks/bench_doctor.py                   # ~4 min on 2 CPU cores
+    python benchmarks/bench_doctor.py                   # ~12 min on 2 CPU cores
     python benchmarks/bench_doctor.py --runs 3 --rounds 10   # quicker, noisier
     python benchmarks/bench_doctor.py --json out.json   # also save the numbers
 
