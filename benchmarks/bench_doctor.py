@@ -167,16 +167,14 @@ def lockstep(data: torch.Tensor, steps: int, doctor_kwargs: dict) -> tuple[float
     doctor.close()
     doctor.findings(data=data)
     end = time.perf_counter() - t0
-    full = Schedule()
-    special = {i for i in range(steps) if full(i) or ATTRIBUTION_SCHEDULE(i)}
-    ordinary = [v for i, v in enumerate(extra) if i not in special]
+    attributed = {i for i in range(steps) if ATTRIBUTION_SCHEDULE(i)}
+    full = {i for i in range(steps) if Schedule()(i)} - attributed
+    ordinary = [v for i, v in enumerate(extra) if i not in attributed | full]
     parts = {
         "ordinary steps": sum(ordinary),
         "per ordinary step": statistics.median(ordinary),
-        "attribution steps": sum(extra[i] for i in range(steps) if ATTRIBUTION_SCHEDULE(i)),
-        "full-statistics steps": sum(
-            extra[i] for i in range(steps) if full(i) and not ATTRIBUTION_SCHEDULE(i)
-        ),
+        "attribution steps": sum(extra[i] for i in attributed),
+        "full-statistics steps": sum(extra[i] for i in full),
         "construction, close, findings": (setup + end) * 1000,
     }
     return plain_s * 1000, (doctor_s + setup + end) * 1000, parts

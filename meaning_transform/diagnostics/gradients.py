@@ -867,7 +867,7 @@ class GradientHooks:
         present = sorted(self._current)
         grads = [self._current.get(i) for i in range(len(self._named))]
         params = [p for _, p in self._named]
-        block = self._norms_only(params, grads) if self.detail == "norm" else None
+        block = self._norms_only(grads) if self.detail == "norm" else None
         if block is None:
             block = _stat_block(params, grads, self.detail)  # (P, _COLUMNS)
             _count_non_finite_on_device(block, grads)
@@ -879,17 +879,17 @@ class GradientHooks:
 
     @staticmethod
     @torch.no_grad()
-    def _norms_only(params: Sequence[Tensor], grads: list[Tensor | None]) -> Tensor | None:
-        """``detail="norm"`` on a CPU with every gradient present, of one dtype and finite:
+    def _norms_only(grads: list[Tensor | None]) -> Tensor | None:
+        """``detail="norm"`` on a CPU with every gradient present and finite:
         the (P,) squared norms alone (``clip_grad_norm_``'s per-tensor norms and one
         read), expanded into the block only when the history is read. None otherwise (the
         general path then counts NaN/Inf)."""
         present = [g for g in grads if g is not None and g.device.type == "cpu"]
-        if not present or len(present) != len(grads) or len({g.dtype for g in present}) != 1:
+        if not present or len(present) != len(grads):
             return None
         # one multi-tensor kernel call: in a training loop (gradients out of cache) it
         # costs ~3/4 of one dot per gradient
-        squares = torch.stack(_norms(present)).to(_acc_dtype(present[0])).square()  # (P,)
+        squares = _column(_norms(present), _acc_dtype(present[0])).square()  # (P,)
         return squares if math.isfinite(float(squares.sum())) else None
 
     def _materialise(self) -> None:
